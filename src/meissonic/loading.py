@@ -1,0 +1,60 @@
+"""Finding a model folder: a local path in the released layout, or a Hugging Face repo id fetched with huggingface-hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+REQUIRED = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing, incomplete or malformed."""
+
+
+def resolve_model_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder, or a hub repo id downloaded (or found in the cache) with `snapshot_download`."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if not REPO_ID.fullmatch(str(name_or_path)):
+            raise ModelFolderError(f"model folder {str(name_or_path)!r} does not exist")
+        path = _download(str(name_or_path), revision)
+    check_model_folder(path)
+    return path
+
+
+def check_model_folder(path: Path) -> None:
+    """Refuse a folder that is not a pipeline in the released layout, naming what is wrong."""
+    if not path.is_dir():
+        raise ModelFolderError(f"model path {str(path)!r} is not a folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelFolderError(f"{str(path)!r} has no model_index.json: not a Meissonic pipeline folder")
+    try:
+        json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{str(index)!r} is not valid JSON ({err})") from None
+    missing = [name for name in REQUIRED if not (path / name).is_dir()]
+    if missing:
+        raise ModelFolderError(f"{str(path)!r} lacks the component folder(s) {', '.join(missing)}")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"],
+            )
+        )
+    except HFValidationError:
+        raise ModelFolderError(f"{repo_id!r} is neither an existing folder nor a valid hub repo id") from None
+    except Exception as err:  # offline, unknown repo, no access: one clear line
+        raise ModelFolderError(f"could not fetch {repo_id!r} from the hub ({type(err).__name__}: {err})") from None

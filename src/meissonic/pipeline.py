@@ -1,0 +1,284 @@
+"""Text-to-image with Meissonic: load the released folder layout, encode the prompt, run the sampler, decode tokens.
+
+`MeissonicPipeline.__call__` takes the reference pipeline's arguments, so scripts written for it run unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, VQModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from . import __version__
+from .loading import resolve_model_folder
+from .sampler import MASK_SCHEDULES, decode, guided_logits
+from .text import encode_prompts
+from .transformer import ConditionCache, MeissonicTransformer
+from .vq import decode_tokens, downscale_factor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# model_index.json as released, so folders we write load wherever a released one does.
+RELEASED_MODEL_INDEX = {
+    "_class_name": "Pipeline",
+    "scheduler": ["scheduler", "Scheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "transformer": ["src.transformer", "Transformer2DModel"],
+    "vqvae": ["diffusers", "VQModel"],
+}
+COMPONENTS = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
+
+
+class MeissonicScheduler(ConfigMixin):
+    """The `scheduler/` component: which id is the mask and which mask schedule sampling follows.
+
+    The sampling itself is the pure function `meissonic.sampler.decode`; this only carries the saved settings.
+    """
+
+    config_name = "scheduler_config.json"
+
+    @register_to_config
+    def __init__(self, mask_token_id: int = 8255, masking_schedule: str = "cosine"):
+        if masking_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"masking_schedule={masking_schedule!r} is not one of {sorted(MASK_SCHEDULES)}")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> MeissonicScheduler:
+        return cls.from_config(cls.load_config(str(folder)))
+
+
+class MeissonicPipeline(DiffusionPipeline):
+    """Meissonic text-to-image. Components: `transformer`, `vqvae`, `text_encoder`, `tokenizer`, `scheduler`."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+
+    def __init__(
+        self,
+        vqvae: VQModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,
+        transformer: MeissonicTransformer,
+        scheduler: MeissonicScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
+        )
+        self.vae_scale_factor = downscale_factor(vqvae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False)
+
+    # ------------------------------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        **unused,
+    ) -> MeissonicPipeline:
+        """Load a folder (or Hugging Face repo id) in the released layout."""
+        folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision)
+        dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        return cls(
+            vqvae=VQModel.from_pretrained(folder / "vqvae", use_safetensors=True, **dtype_kw),
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder", use_safetensors=True, **({"dtype": torch_dtype} if torch_dtype else {})
+            ),
+            transformer=MeissonicTransformer.from_pretrained(folder / "transformer", use_safetensors=True, **dtype_kw),
+            scheduler=MeissonicScheduler.from_pretrained(folder / "scheduler"),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **unused) -> None:
+        """Write the released layout: `model_index.json` plus one sub-folder per component."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(out / "transformer")
+        self.vqvae.save_pretrained(out / "vqvae")
+        self.text_encoder.save_pretrained(out / "text_encoder")
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.scheduler.save_config(out / "scheduler")
+        index = dict(RELEASED_MODEL_INDEX, _meissonic_version=__version__)
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def encode_prompt(
+        self, prompts: list[str], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (pooled `prompt_embeds` (B, P), `encoder_hidden_states` (B, 77, C))."""
+        hidden, pooled = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        device = device or self._execution_device
+        return pooled.to(device), hidden.to(device)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless (height, width) is an image size this model can make."""
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < f or value % f:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of {f} (the tokenizer's patch size)")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = 1024,
+        width: int | None = 1024,
+        num_inference_steps: int = 48,
+        guidance_scale: float = 9.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict | None = None,
+        micro_conditioning_aesthetic_score: float = 6,
+        micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
+        temperature: float | tuple[float, float] = (2, 0),
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        masking_schedule: str | None = None,
+    ):
+        """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
+
+        Arguments as the reference pipeline. `generator` may be a list, one per image. `latents` is an initial token
+        grid (B, h, w) with the mask id where unknown. `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
+        may return {"latents": tokens} to replace the grid. `masking_schedule` overrides the scheduler's.
+        """
+        height = height or 1024
+        width = width or 1024
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        if latents is not None:
+            height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
+        self.check_size(height, width)
+        device = self._execution_device
+        pooled, hidden = self._conditioning(
+            prompt, negative_prompt, prompt_embeds, encoder_hidden_states,
+            negative_prompt_embeds, negative_encoder_hidden_states, num_images_per_prompt, guidance_scale, device,
+        )  # (B or 2B, P), (B or 2B, 77, C): negatives first when guiding
+        use_cfg = guidance_scale > 1.0
+        batch = pooled.shape[0] // 2 if use_cfg else pooled.shape[0]
+        grid = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        tokens = self._initial_tokens(latents, batch, grid, device)  # (B, h, w)
+
+        micro = [width, height, micro_conditioning_crop_coord[0], micro_conditioning_crop_coord[1]]
+        micro_conds = torch.tensor(micro + [micro_conditioning_aesthetic_score], device=device, dtype=hidden.dtype)
+        micro_conds = micro_conds[None].expand(pooled.shape[0], -1)  # (B or 2B, 5)
+        cache = ConditionCache()
+        convention = self.transformer.config.get("mask_rate_conditioning", "step_index")
+        mask_id = self.scheduler.config.mask_token_id
+
+        def logits_fn(sample: torch.Tensor, step: int) -> torch.Tensor:
+            if convention == "step_index":  # the reference: remaining step index N-1..0, one value for the batch
+                timestep = torch.tensor([num_inference_steps - 1 - step], device=device)
+            else:  # share of tokens still masked, per image
+                timestep = (sample == mask_id).flatten(1).float().mean(1)  # (B,)
+            model_input = torch.cat([sample, sample]) if use_cfg else sample
+            if use_cfg and timestep.numel() > 1:
+                timestep = torch.cat([timestep, timestep])
+            logits = self.transformer(
+                hidden_states=model_input,
+                encoder_hidden_states=hidden,
+                pooled_projections=pooled,
+                micro_conds=micro_conds,
+                timestep=timestep,
+                cache=cache,
+            )  # (B or 2B, V, h, w)
+            if use_cfg:
+                uncond, cond = logits.chunk(2)
+                logits = guided_logits(uncond, cond, guidance_scale)
+            return logits
+
+        progress = self.progress_bar(total=num_inference_steps)
+
+        def on_step(step: int, sample: torch.Tensor) -> torch.Tensor | None:
+            progress.update()
+            timestep = num_inference_steps - 1 - step
+            if callback is not None and step % callback_steps == 0:
+                callback(step, timestep, sample)
+            if callback_on_step_end is not None:
+                names = {"latents": sample}
+                out = callback_on_step_end(self, step, timestep, {k: names[k] for k in callback_on_step_end_tensor_inputs})
+                return (out or {}).get("latents")
+            return None
+
+        with progress:
+            tokens = decode(
+                tokens,
+                logits_fn,
+                mask_token_id=mask_id,
+                num_steps=num_inference_steps,
+                schedule=masking_schedule or self.scheduler.config.masking_schedule,
+                temperature=temperature,
+                generator=generator,
+                on_step=on_step,
+            )
+
+        if output_type == "latent":
+            output = tokens
+        else:
+            images = decode_tokens(self.vqvae, tokens)  # (B, 3, H, W) in [0, 1]
+            output = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(output) if return_dict else (output,)
+
+    def _conditioning(
+        self, prompt, negative_prompt, prompt_embeds, encoder_hidden_states,
+        negative_prompt_embeds, negative_encoder_hidden_states, num_images, guidance_scale, device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (prompt_embeds is None) != (encoder_hidden_states is None):
+            raise ValueError("pass both prompt_embeds and encoder_hidden_states, or neither")
+        if (negative_prompt_embeds is None) != (negative_encoder_hidden_states is None):
+            raise ValueError("pass both negative_prompt_embeds and negative_encoder_hidden_states, or neither")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt or prompt_embeds")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt={prompt!r} must be a string or a non-empty list of strings")
+            prompt_embeds, encoder_hidden_states = self.encode_prompt(prompts, device)
+        n_prompts = prompt_embeds.shape[0]
+        pooled = prompt_embeds.to(device).repeat(num_images, 1)  # (B, P) ordered as the reference: all prompts, again
+        hidden = encoder_hidden_states.to(device).repeat(num_images, 1, 1)  # (B, 77, C)
+        if guidance_scale <= 1.0:
+            return pooled, hidden
+        if negative_prompt_embeds is None:
+            negatives = negative_prompt if negative_prompt is not None else ""
+            negatives = [negatives] * n_prompts if isinstance(negatives, str) else list(negatives)
+            if len(negatives) != n_prompts:
+                raise ValueError(f"got {len(negatives)} negative prompts for {n_prompts} prompts")
+            negative_prompt_embeds, negative_encoder_hidden_states = self.encode_prompt(negatives, device)
+        neg_pooled = negative_prompt_embeds.to(device).expand(n_prompts, -1).repeat(num_images, 1)
+        neg_hidden = negative_encoder_hidden_states.to(device).expand(n_prompts, -1, -1).repeat(num_images, 1, 1)
+        return torch.cat([neg_pooled, pooled]), torch.cat([neg_hidden, hidden])
+
+    def _initial_tokens(self, latents, batch: int, grid: tuple[int, int], device) -> torch.Tensor:
+        mask_id = self.scheduler.config.mask_token_id
+        if latents is None:
+            return torch.full((batch, *grid), mask_id, dtype=torch.long, device=device)
+        latents = torch.as_tensor(latents, device=device).long()
+        latents = latents.reshape(-1, *grid)
+        if latents.shape[0] not in (1, batch):
+            raise ValueError(f"latents hold {latents.shape[0]} grids for {batch} images")
+        return latents.expand(batch, -1, -1).clone()

@@ -1,0 +1,137 @@
+"""MaskGIT-style parallel decoding (Chang et al. 2022), as Meissonic samples (arXiv 2410.08261).
+
+`decode` is a pure function: it sees token grids and a logits function, never a network, tokenizer or text. Each
+task (text-to-image, image-to-image, inpainting, outpainting) only builds the initial grid, with `mask_token_id`
+where the image is unknown, and calls it.
+
+Per step, as the reference scheduler: sample a token for every unknown position from softmax(logits); score each
+sample by log p + T_i * Gumbel noise (T annealed 2 -> 0 by default); keep the most confident and re-mask the
+`floor(n * schedule((i + 1) / steps))` least confident, n being the number of tokens unknown at the start. The last
+step keeps everything. Deviation from the reference: tokens that were known before a step get +inf confidence, so
+they are never re-masked in any dtype (the reference gives them log(finfo.max), which fp16 can lose to noise).
+With a single `torch.Generator`, random numbers are drawn in the same order and shapes as the reference scheduler,
+so a reference run with the same seed and logits picks the same tokens; a list gives one generator per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+# logits_fn(tokens (B, h, w), step index) -> logits (B, codebook_size, h, w)
+LogitsFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def cosine_schedule(progress: torch.Tensor) -> torch.Tensor:
+    """Share of the initially unknown tokens still masked after `progress` in (0, 1] of the steps."""
+    return torch.cos(progress * math.pi / 2)
+
+
+def linear_schedule(progress: torch.Tensor) -> torch.Tensor:
+    return 1 - progress
+
+
+MASK_SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "cosine": cosine_schedule,
+    "linear": linear_schedule,
+}
+
+
+def temperature_schedule(temperature: float | Sequence[float], steps: int) -> list[float]:
+    """Gumbel-noise temperature per step: (start, end) -> linspace(start, end); a number t -> linspace(t, 0.01)."""
+    if isinstance(temperature, (int, float)):
+        start, end = float(temperature), 0.01
+    else:
+        if len(temperature) != 2:
+            raise ValueError(f"temperature={temperature!r}: give one number or a (start, end) pair")
+        start, end = float(temperature[0]), float(temperature[1])
+    return torch.linspace(start, end, steps).tolist()
+
+
+def masked_count(seq_len: int, start_ratio: torch.Tensor, step: int, steps: int, schedule: str) -> torch.Tensor:
+    """How many tokens are re-masked after step `step` (0-based), per image: floor(seq_len * r0 * schedule)."""
+    progress = torch.tensor((step + 1) / steps, dtype=torch.float32)
+    return (seq_len * (start_ratio * MASK_SCHEDULES[schedule](progress))).floor()  # (B,)
+
+
+def guided_logits(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.zeros(shape, device=gen_device).uniform_(0, 1, generator=generator).to(device)
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs (n, V) -> (n,)."""
+    gen_device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
+
+
+def _per_image(generators: Generators, batch: int) -> list[torch.Generator] | None:
+    if generators is None or isinstance(generators, torch.Generator):
+        return None
+    generators = list(generators)
+    if len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for {batch} images: pass one per image, or a single one")
+    return generators
+
+
+def decode(
+    tokens: torch.Tensor,
+    logits_fn: LogitsFn,
+    mask_token_id: int,
+    num_steps: int,
+    schedule: str = "cosine",
+    temperature: float | Sequence[float] = (2.0, 0.0),
+    generator: Generators = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Fill every `mask_token_id` in `tokens` (B, h, w) over `num_steps` steps; returns the completed grid.
+
+    Tokens that are not masked on entry are returned unchanged. `on_step(step, tokens)` sees the grid after each step.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be at least 1")
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {sorted(MASK_SCHEDULES)}")
+    temperatures = temperature_schedule(temperature, num_steps)
+    batch, height, width = tokens.shape
+    seq_len = height * width
+    generators = _per_image(generator, batch)
+    single = None if generators is not None else generator
+    sample = tokens.reshape(batch, seq_len).clone()  # (B, N)
+    start_ratio = (sample == mask_token_id).sum(dim=1).float() / seq_len  # (B,)
+
+    for step in range(num_steps):
+        unknown = sample == mask_token_id  # (B, N)
+        logits = logits_fn(sample.reshape(batch, height, width), step)  # (B, V, h, w)
+        probs = logits.float().flatten(2).transpose(1, 2).softmax(dim=-1)  # (B, N, V)
+        if generators is None:
+            drawn = _sample(probs.reshape(batch * seq_len, -1), single).reshape(batch, seq_len)
+        else:
+            drawn = torch.stack([_sample(probs[b], g) for b, g in enumerate(generators)])  # (B, N)
+        filled = torch.where(unknown, drawn, sample)  # (B, N)
+        if step == num_steps - 1:
+            sample = filled
+        else:
+            n_mask = masked_count(seq_len, start_ratio, step, num_steps, schedule).to(sample.device)  # (B,)
+            n_mask = torch.minimum(unknown.sum(dim=1) - 1, n_mask.long()).clamp(min=1)  # (B,)
+            chosen = probs.gather(-1, filled[..., None])[..., 0]  # (B, N)
+            if generators is None:
+                noise = _uniform((batch, seq_len), single, sample.device)
+            else:
+                noise = torch.cat([_uniform((1, seq_len), g, sample.device) for g in generators])
+            gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))  # (B, N)
+            confidence = torch.log(chosen.clamp(min=1e-20)) + temperatures[step] * gumbel
+            confidence = torch.where(unknown, confidence, torch.inf)  # known tokens are never re-masked
+            cut_off = confidence.sort(dim=-1).values.gather(1, n_mask[:, None])  # (B, 1)
+            sample = torch.where(confidence < cut_off, mask_token_id, filled)
+        if on_step is not None:
+            on_step(step, sample.reshape(batch, height, width))
+    return sample.reshape(batch, height, width)

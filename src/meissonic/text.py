@@ -1,0 +1,29 @@
+"""Text conditioning: CLIP tokenizer + `CLIPTextModelWithProjection`, used as Meissonic uses them.
+
+Prompts are padded to 77 tokens (max length, truncated), no attention mask is passed (the reference lets the
+transformer see pad states), the sequence is the penultimate hidden layer and the pooled vector is `text_embeds`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+MAX_TOKENS = 77
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> token ids (B, 77)."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModelWithProjection, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (penultimate hidden states (B, 77, hidden), pooled projection (B, projection_dim))."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    out = text_encoder(ids, output_hidden_states=True, return_dict=True)
+    return out.hidden_states[-2], out.text_embeds

@@ -1,0 +1,250 @@
+"""The Meissonic multimodal transformer (arXiv 2410.08261): MMDiT double-stream + single-stream blocks over VQ tokens.
+
+Loads the released `transformer/` folder unchanged (config keys and tensor names as released). Differences from the
+reference `Transformer2DModel`, each on purpose:
+- any token grid works: image RoPE ids default to the grid the blocks see, and odd grids with the 2x feature
+  compression are cropped back after upsampling (the reference only runs 1024 px heights with compression);
+- conditioning that is constant over sampling steps can be computed once (`encode_conditions`) and reused (`predict`);
+- attention is our own SDPA module, not a diffusers attention processor (whose API change broke the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .layers import (
+    DoubleStreamBlock,
+    MLPEmbedding,
+    ResampleBlock,
+    RMSNorm,
+    Rope,
+    SingleStreamBlock,
+    TimeTextEmbedding,
+    TokenEmbedding,
+    TokenHead,
+    rope_table,
+    sinusoidal_embedding,
+)
+
+MICRO_COND_DIM = 256  # sinusoid width per micro-condition (hard-coded in the reference)
+NUM_MICRO_CONDS = 5  # width, height, crop top, crop left, aesthetic score
+LAYER_NORM_EPS = 1e-6
+# How the sampler feeds the mask-rate condition (`timestep`); the model multiplies it by 1000 in both cases.
+# "step_index": the reference pipeline's convention (the remaining step index N-1..0), used by the released weights.
+# "mask_rate": the share of tokens still masked in the input, in [0, 1], as our training uses it.
+MASK_RATE_CONDITIONINGS = ("step_index", "mask_rate")
+
+
+@dataclass
+class Conditions:
+    """Everything the transformer needs that does not change between sampling steps (for one token grid size)."""
+
+    context: torch.Tensor  # (B, L, D) projected text states
+    pooled: torch.Tensor  # (B, D) pooled text + micro-conditions, through cond_embed and the text embedder
+    rope: Rope  # (L + N, head_dim) cos/sin tables for [text; image]
+
+
+@dataclass
+class ConditionCache:
+    """Holds `Conditions` between the calls of one generation, so they are computed on the first step only."""
+
+    conditions: Conditions | None = None
+
+
+class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """Meissonic's masked-token transformer.
+
+    Forward takes token ids (B, h, w) with `mask_token_id = vocab_size - 1` where unknown, the text encoder's
+    penultimate states (B, L, joint_attention_dim), its pooled projection (B, pooled_projection_dim), the mask-rate
+    condition `timestep`, and micro-conditions (B, 5); it returns logits (B, codebook_size, h, w).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DoubleStreamBlock", "SingleStreamBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 1,
+        in_channels: int = 64,
+        num_layers: int = 14,
+        num_single_layers: int = 28,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 8,
+        joint_attention_dim: int = 1024,
+        pooled_projection_dim: int = 1024,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        vocab_size: int = 8256,
+        codebook_size: int = 8192,
+        downsample: bool = False,
+        upsample: bool = False,
+        mask_rate_conditioning: str = "step_index",
+    ):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        _check_config(
+            patch_size=patch_size,
+            guidance_embeds=guidance_embeds,
+            dim=dim,
+            pooled_projection_dim=pooled_projection_dim,
+            attention_head_dim=attention_head_dim,
+            axes_dims_rope=list(axes_dims_rope),
+            vocab_size=vocab_size,
+            codebook_size=codebook_size,
+            downsample=downsample,
+            upsample=upsample,
+            mask_rate_conditioning=mask_rate_conditioning,
+        )
+        eps = LAYER_NORM_EPS
+        self.embed = TokenEmbedding(vocab_size, dim, eps)
+        self.down_block = ResampleBlock(dim, eps, downsample=downsample)
+        self.project_to_hidden_norm = RMSNorm(dim, eps)
+        self.project_to_hidden = nn.Linear(dim, dim, bias=False)
+        self.context_embedder = nn.Linear(joint_attention_dim, dim)
+        self.encoder_proj_layer_norm = RMSNorm(dim, eps)
+        self.cond_embed = MLPEmbedding(pooled_projection_dim + NUM_MICRO_CONDS * MICRO_COND_DIM, dim, bias=False)
+        self.time_text_embed = TimeTextEmbedding(dim, pooled_projection_dim)
+        self.transformer_blocks = nn.ModuleList(
+            [DoubleStreamBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [SingleStreamBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers)]
+        )
+        self.project_from_hidden_norm = RMSNorm(dim, eps)
+        self.project_from_hidden = nn.Linear(dim, dim, bias=False)
+        self.up_block = ResampleBlock(dim, eps, upsample=upsample)
+        self.mlm_layer = TokenHead(dim, codebook_size, eps)
+        self.gradient_checkpointing = False
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.vocab_size - 1
+
+    def block_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (rows, cols) of image tokens the transformer blocks see for a (height, width) token grid."""
+        if self.config.downsample:
+            return (height + 1) // 2, (width + 1) // 2
+        return height, width
+
+    def image_ids(self, height: int, width: int, device=None) -> torch.Tensor:
+        """RoPE ids (rows*cols, 3) = (0, row, col) on the block grid, row-major (the reference's layout)."""
+        rows, cols = self.block_grid(height, width)
+        r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
+        return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(-1, 3).float()  # (N, 3)
+
+    def encode_conditions(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        micro_conds: torch.Tensor,
+        grid: tuple[int, int],
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+    ) -> Conditions:
+        """Compute the step-invariant conditioning once for a (h, w) token grid."""
+        batch = encoder_hidden_states.shape[0]
+        micro = sinusoidal_embedding(micro_conds.flatten(), MICRO_COND_DIM).reshape(batch, -1)  # (B, 1280)
+        pooled = torch.cat([pooled_projections, micro], dim=1).to(self.dtype)  # (B, P + 1280)
+        pooled = self.cond_embed(pooled).to(encoder_hidden_states.dtype)  # (B, D)
+        pooled = self.time_text_embed.text_embedder(pooled)  # (B, D)
+        context = self.encoder_proj_layer_norm(self.context_embedder(encoder_hidden_states))  # (B, L, D)
+        device = encoder_hidden_states.device
+        if txt_ids is None:
+            txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=device)
+        if img_ids is None:
+            img_ids = self.image_ids(*grid, device=device)
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rope = rope_table(torch.cat([txt_ids, img_ids], dim=0), list(self.config.axes_dims_rope))  # (L+N, d)
+        return Conditions(context=context, pooled=pooled, rope=rope)
+
+    def predict(self, hidden_states: torch.Tensor, timestep: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w)."""
+        height, width = hidden_states.shape[-2:]
+        x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
+        batch, dim, rows, cols = x.shape
+        x = self.project_to_hidden(self.project_to_hidden_norm(x.flatten(2).transpose(1, 2)))  # (B, N, D)
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).to(x.dtype) * 1000
+        temb = self.time_text_embed.time(timestep, conditions.pooled.dtype) + conditions.pooled  # (B, D)
+        context, rope = conditions.context, conditions.rope
+        if rope[0].device != x.device:
+            rope = (rope[0].to(x.device), rope[1].to(x.device))
+        for block in self.transformer_blocks:
+            context, x = self._run(block, x, context, temb, rope)  # (B, L, D), (B, N, D)
+        n_ctx = context.shape[1]
+        x = torch.cat([context, x], dim=1)  # (B, L+N, D)
+        for block in self.single_transformer_blocks:
+            x = self._run(block, x, temb, rope)
+        x = self.project_from_hidden(self.project_from_hidden_norm(x[:, n_ctx:]))  # (B, N, D)
+        x = x.transpose(1, 2).reshape(batch, dim, rows, cols)  # (B, D, h', w')
+        x = self.up_block(x)[..., :height, :width]  # (B, D, h, w)
+        return self.mlm_layer(x)  # (B, codebook_size, h, w)
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        micro_conds: torch.Tensor | None = None,
+        return_dict: bool = True,
+        cache: ConditionCache | None = None,
+        **unused,
+    ):
+        """Reference-compatible call; returns the logits tensor (or `(logits,)` when `return_dict=False`).
+
+        With a `cache`, the step-invariant conditioning is computed on the first call and reused after.
+        """
+        conditions = cache.conditions if cache is not None else None
+        if conditions is None:
+            if micro_conds is None:
+                raise ValueError("micro_conds is required: (B, 5) = [width, height, crop_top, crop_left, score]")
+            conditions = self.encode_conditions(
+                encoder_hidden_states, pooled_projections, micro_conds, hidden_states.shape[-2:], img_ids, txt_ids
+            )
+            if cache is not None:
+                cache.conditions = conditions
+        logits = self.predict(hidden_states, timestep, conditions)
+        return logits if return_dict else (logits,)
+
+
+def _check_config(**cfg) -> None:
+    """Refuse configs this architecture cannot honour, naming the field."""
+    if cfg["patch_size"] != 1:
+        raise ValueError(f"patch_size={cfg['patch_size']} is not supported: Meissonic uses patch_size=1")
+    if cfg["guidance_embeds"]:
+        raise ValueError("guidance_embeds=True is not supported: Meissonic has no guidance embedding")
+    if cfg["pooled_projection_dim"] != cfg["dim"]:
+        raise ValueError(
+            f"pooled_projection_dim={cfg['pooled_projection_dim']} must equal num_attention_heads * "
+            f"attention_head_dim = {cfg['dim']} (the pooled vector is re-embedded at the model width)"
+        )
+    axes = cfg["axes_dims_rope"]
+    if sum(axes) != cfg["attention_head_dim"] or any(a % 2 for a in axes):
+        raise ValueError(
+            f"axes_dims_rope={axes} must be even numbers summing to attention_head_dim={cfg['attention_head_dim']}"
+        )
+    if cfg["vocab_size"] <= cfg["codebook_size"]:
+        raise ValueError(
+            f"vocab_size={cfg['vocab_size']} must exceed codebook_size={cfg['codebook_size']} (the last id is the mask)"
+        )
+    if cfg["downsample"] != cfg["upsample"]:
+        raise ValueError(f"downsample={cfg['downsample']} and upsample={cfg['upsample']} must be equal")
+    if cfg["mask_rate_conditioning"] not in MASK_RATE_CONDITIONINGS:
+        raise ValueError(
+            f"mask_rate_conditioning={cfg['mask_rate_conditioning']!r} is not one of {MASK_RATE_CONDITIONINGS}"
+        )
