@@ -18,9 +18,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import __version__
-from .loading import resolve_model_folder
+from .loading import ModelFolderError, resolve_model_folder
 from .sampler import MASK_SCHEDULES, decode, guided_logits
-from .text import encode_prompts
+from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
 from .vq import decode_tokens, downscale_factor
 
@@ -67,11 +67,13 @@ class MeissonicPipeline(DiffusionPipeline):
         text_encoder: CLIPTextModelWithProjection,
         transformer: MeissonicTransformer,
         scheduler: MeissonicScheduler,
+        defaults: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
             vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
         )
+        self.defaults = _sampling_defaults(transformer, defaults)
         self.vae_scale_factor = downscale_factor(vqvae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False)
 
@@ -87,16 +89,19 @@ class MeissonicPipeline(DiffusionPipeline):
     ) -> MeissonicPipeline:
         """Load a folder (or Hugging Face repo id) in the released layout."""
         folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision)
+        index = json.loads((folder / "model_index.json").read_text())
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        return cls(
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", use_safetensors=True)
+        pipe = cls(
             vqvae=VQModel.from_pretrained(folder / "vqvae", use_safetensors=True, **dtype_kw),
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder", use_safetensors=True, **({"dtype": torch_dtype} if torch_dtype else {})
-            ),
+            text_encoder=text_encoder.to(torch_dtype) if torch_dtype is not None else text_encoder,
             transformer=MeissonicTransformer.from_pretrained(folder / "transformer", use_safetensors=True, **dtype_kw),
             scheduler=MeissonicScheduler.from_pretrained(folder / "scheduler"),
+            defaults=index.get("_meissonic_defaults"),
         )
+        check_components(pipe)
+        return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **unused) -> None:
         """Write the released layout: `model_index.json` plus one sub-folder per component."""
@@ -105,9 +110,9 @@ class MeissonicPipeline(DiffusionPipeline):
         self.transformer.save_pretrained(out / "transformer")
         self.vqvae.save_pretrained(out / "vqvae")
         self.text_encoder.save_pretrained(out / "text_encoder")
-        self.tokenizer.save_pretrained(out / "tokenizer")
+        save_tokenizer(self.tokenizer, out / "tokenizer")
         self.scheduler.save_config(out / "scheduler")
-        index = dict(RELEASED_MODEL_INDEX, _meissonic_version=__version__)
+        index = dict(RELEASED_MODEL_INDEX, _meissonic_version=__version__, _meissonic_defaults=self.defaults)
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------------ generation
@@ -131,9 +136,9 @@ class MeissonicPipeline(DiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        height: int | None = 1024,
-        width: int | None = 1024,
-        num_inference_steps: int = 48,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 9.0,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -157,12 +162,14 @@ class MeissonicPipeline(DiffusionPipeline):
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
-        Arguments as the reference pipeline. `generator` may be a list, one per image. `latents` is an initial token
+        Arguments as the reference pipeline; unset `height`, `width` and `num_inference_steps` take the model's
+        defaults (`self.defaults`: 1024 px and 64 steps for Meissonic, 512 px and 48 steps for Monetico). `generator` may be a list, one per image. `latents` is an initial token
         grid (B, h, w) with the mask id where unknown. `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
         may return {"latents": tokens} to replace the grid. `masking_schedule` overrides the scheduler's.
         """
-        height = height or 1024
-        width = width or 1024
+        height = height or self.defaults["resolution"]
+        width = width or self.defaults["resolution"]
+        num_inference_steps = num_inference_steps or self.defaults["steps"]
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -183,7 +190,7 @@ class MeissonicPipeline(DiffusionPipeline):
         tokens = self._initial_tokens(latents, batch, grid, device)  # (B, h, w)
 
         micro = [width, height, micro_conditioning_crop_coord[0], micro_conditioning_crop_coord[1]]
-        micro_conds = torch.tensor(micro + [micro_conditioning_aesthetic_score], device=device, dtype=hidden.dtype)
+        micro_conds = torch.tensor(micro + [micro_conditioning_aesthetic_score], device=device, dtype=torch.float32)
         micro_conds = micro_conds[None].expand(pooled.shape[0], -1)  # (B or 2B, 5)
         cache = ConditionCache()
         convention = self.transformer.config.get("mask_rate_conditioning", "step_index")
@@ -282,3 +289,28 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents.shape[0] not in (1, batch):
             raise ValueError(f"latents hold {latents.shape[0]} grids for {batch} images")
         return latents.expand(batch, -1, -1).clone()
+
+
+def _sampling_defaults(transformer: MeissonicTransformer, saved: dict | None) -> dict:
+    """Resolution and steps a model is meant for: as saved by us, else the released scripts' choice."""
+    if saved:
+        return {"resolution": int(saved["resolution"]), "steps": int(saved["steps"])}
+    if transformer.config.downsample:  # Meissonic: 1024 px, 64 steps (inference.py)
+        return {"resolution": 1024, "steps": 64}
+    return {"resolution": 512, "steps": 48}  # Monetico: 512 px, 48 steps
+
+
+def check_components(pipe: MeissonicPipeline) -> None:
+    """Refuse components that do not fit together, naming the fields, before any generation."""
+    t, vq, te = pipe.transformer.config, pipe.vqvae.config, pipe.text_encoder.config
+    pairs = [
+        ("transformer codebook_size", t.codebook_size, "vqvae num_vq_embeddings", vq.num_vq_embeddings),
+        ("transformer joint_attention_dim", t.joint_attention_dim, "text_encoder hidden_size", te.hidden_size),
+        ("transformer pooled_projection_dim", t.pooled_projection_dim, "text_encoder projection_dim",
+         te.projection_dim),
+        ("scheduler mask_token_id", pipe.scheduler.config.mask_token_id, "transformer vocab_size - 1",
+         t.vocab_size - 1),
+    ]
+    for name_a, a, name_b, b in pairs:
+        if a != b:
+            raise ModelFolderError(f"{name_a}={a} does not match {name_b}={b}")

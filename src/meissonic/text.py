@@ -27,3 +27,16 @@ def encode_prompts(
     ids = tokenize(tokenizer, prompts).to(text_encoder.device)
     out = text_encoder(ids, output_hidden_states=True, return_dict=True)
     return out.hidden_states[-2], out.text_embeds
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, folder) -> None:
+    """`save_pretrained`, plus the released `vocab.json` + `merges.txt` so older transformers can read the folder."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

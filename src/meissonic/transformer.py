@@ -171,7 +171,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
         batch, dim, rows, cols = x.shape
         x = self.project_to_hidden(self.project_to_hidden_norm(x.flatten(2).transpose(1, 2)))  # (B, N, D)
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).to(x.dtype) * 1000
+        # Kept in float32 (the reference casts to the model dtype first, so bf16 rounds 47 * 1000 to 47104).
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).float() * 1000
         temb = self.time_text_embed.time(timestep, conditions.pooled.dtype) + conditions.pooled  # (B, D)
         context, rope = conditions.context, conditions.rope
         if rope[0].device != x.device:
