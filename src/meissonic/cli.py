@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _quiet_libraries()
         return args.run(args) or 0
     except (UsageError, ValueError, OSError) as err:
         print(f"meissonic: error: {err}", file=sys.stderr)
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--exist-ok", action="store_true", help="keep an existing model folder instead of failing")
     init.set_defaults(run=init_model)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages only: no weight-loading bars or library chatter on the terminal."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _version() -> str:
@@ -133,9 +143,9 @@ def generate(args: argparse.Namespace) -> int:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    width = args.width or pipe.defaults["resolution"]
-    height = args.height or pipe.defaults["resolution"]
-    steps = args.steps or pipe.defaults["steps"]
+    width = pipe.defaults["resolution"] if args.width is None else args.width
+    height = pipe.defaults["resolution"] if args.height is None else args.height
+    steps = pipe.defaults["steps"] if args.steps is None else args.steps
     pipe.check_size(height, width)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     args.out.mkdir(parents=True, exist_ok=True)

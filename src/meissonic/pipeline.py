@@ -167,9 +167,9 @@ class MeissonicPipeline(DiffusionPipeline):
         grid (B, h, w) with the mask id where unknown. `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
         may return {"latents": tokens} to replace the grid. `masking_schedule` overrides the scheduler's.
         """
-        height = height or self.defaults["resolution"]
-        width = width or self.defaults["resolution"]
-        num_inference_steps = num_inference_steps or self.defaults["steps"]
+        height = self.defaults["resolution"] if height is None else height
+        width = self.defaults["resolution"] if width is None else width
+        num_inference_steps = self.defaults["steps"] if num_inference_steps is None else num_inference_steps
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:

@@ -94,7 +94,8 @@ def decode(
 ) -> torch.Tensor:
     """Fill every `mask_token_id` in `tokens` (B, h, w) over `num_steps` steps; returns the completed grid.
 
-    Tokens that are not masked on entry are returned unchanged. `on_step(step, tokens)` sees the grid after each step.
+    Tokens that are not masked on entry are returned unchanged. `on_step(step, tokens)` sees the grid after each step
+    and may return a grid to continue from instead.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be at least 1")
@@ -130,8 +131,11 @@ def decode(
             gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))  # (B, N)
             confidence = torch.log(chosen.clamp(min=1e-20)) + temperatures[step] * gumbel
             confidence = torch.where(unknown, confidence, torch.inf)  # known tokens are never re-masked
-            cut_off = confidence.sort(dim=-1).values.gather(1, n_mask[:, None])  # (B, 1)
+            ranked = torch.cat([confidence.sort(dim=-1).values, confidence.new_full((batch, 1), torch.inf)], 1)
+            cut_off = ranked.gather(1, n_mask[:, None])  # (B, 1); +inf when every unknown token stays masked
             sample = torch.where(confidence < cut_off, mask_token_id, filled)
         if on_step is not None:
-            on_step(step, sample.reshape(batch, height, width))
+            replaced = on_step(step, sample.reshape(batch, height, width))
+            if replaced is not None:
+                sample = replaced.reshape(batch, seq_len).to(sample)
     return sample.reshape(batch, height, width)

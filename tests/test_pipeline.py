@@ -1,0 +1,278 @@
+"""The text-to-image pipeline: reference parity, the released layout, sizes, outputs, callbacks, errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES
+from meissonic import MeissonicPipeline
+from meissonic.loading import ModelFolderError
+from meissonic.vq import decode_tokens
+
+REFERENCE = FIXTURES / "reference-pipeline"
+
+
+def load(folder, **kw):
+    pipe = MeissonicPipeline.from_pretrained(folder, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["ds", "nods"])
+def reference(request):
+    return request.param, load(REFERENCE / request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    return load(tiny_folder)
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_reference_cases_give_reference_tokens_and_image(reference):
+    kind, pipe = reference
+    cases = json.loads((REFERENCE / kind / "cases.json").read_text())
+    expected = np.load(REFERENCE / kind / "expected.npz")
+    for i, case in enumerate(cases):
+        tokens = pipe(
+            prompt=case["prompt"],
+            negative_prompt=case["negative_prompt"],
+            guidance_scale=case["guidance_scale"],
+            micro_conditioning_aesthetic_score=case["aesthetic_score"],
+            height=case["height"],
+            width=case["width"],
+            num_inference_steps=case["steps"],
+            latents=torch.from_numpy(expected["latents"]),
+            generator=seeded(0),
+            output_type="latent",
+        ).images
+        certain = expected[f"case{i}.certain"]
+        assert certain.mean() > 0.9
+        assert np.array_equal(tokens.numpy()[certain], expected[f"case{i}.tokens"][certain])
+        image = decode_tokens(pipe.vqvae, torch.from_numpy(expected[f"case{i}.tokens"]))
+        image = image.permute(0, 2, 3, 1)[0].numpy()
+        assert np.abs(image - expected[f"case{i}.image"]).max() <= 2 / 255
+
+
+def test_components_have_the_released_names(reference):
+    _, pipe = reference
+    for name in ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler"):
+        assert getattr(pipe, name) is not None
+    assert pipe.scheduler.config.mask_token_id == pipe.transformer.mask_token_id
+    assert pipe.transformer.config.mask_rate_conditioning == "step_index"  # released: the reference's convention
+
+
+def test_save_pretrained_writes_released_layout_and_reloads(reference, tmp_path):
+    kind, pipe = reference
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    released = json.loads((REFERENCE / kind / "model_index.json").read_text())
+    assert {k: v for k, v in index.items() if not k.startswith("_")} == {
+        k: v for k, v in released.items() if not k.startswith("_")
+    }
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "tokenizer" / name).is_file()
+    again = load(tmp_path)
+    kw = dict(prompt="a red circle", height=64, width=48, num_inference_steps=3, output_type="latent")
+    assert torch.equal(pipe(**kw, generator=seeded(1)).images, again(**kw, generator=seeded(1)).images)
+
+
+@pytest.mark.parametrize("height,width", [(256, 192), (48, 80), (16, 16), (1040, 64)])
+def test_sizes_the_reference_cannot_handle(reference, height, width):
+    _, pipe = reference
+    images = pipe("a blue square", height=height, width=width, num_inference_steps=2, generator=seeded(0),
+                  output_type="np").images
+    assert images.shape == (1, height, width, 3)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_output_types(tiny):
+    kw = dict(prompt="x", num_inference_steps=2, height=64, width=32)
+    pil = tiny(**kw, generator=seeded(0)).images
+    assert isinstance(pil, list) and pil[0].size == (32, 64)
+    arr = tiny(**kw, generator=seeded(0), output_type="np").images
+    assert arr.shape == (1, 64, 32, 3)
+    pt = tiny(**kw, generator=seeded(0), output_type="pt").images
+    assert pt.shape == (1, 3, 64, 32)
+    tokens = tiny(**kw, generator=seeded(0), output_type="latent").images
+    assert tokens.shape == (1, 4, 2) and tokens.dtype == torch.long
+    assert np.array_equal(np.asarray(pil[0]), (arr[0] * 255).round().astype(np.uint8))
+    out = tiny(**kw, generator=seeded(0), return_dict=False)
+    assert isinstance(out, tuple) and len(out[0]) == 1
+
+
+def test_model_defaults_used_when_size_and_steps_unset(tiny):
+    steps = []
+    images = tiny("x", generator=seeded(0), callback=lambda i, t, lat: steps.append(i)).images
+    assert images[0].size == (tiny.defaults["resolution"],) * 2
+    assert steps == list(range(tiny.defaults["steps"]))
+
+
+def test_same_seed_same_image_and_generator_per_image(tiny):
+    kw = dict(prompt=["a cat", "a dog"], num_inference_steps=4, height=64, width=64, output_type="latent")
+    a = tiny(**kw, generator=seeded(3)).images
+    b = tiny(**kw, generator=seeded(3)).images
+    assert torch.equal(a, b)
+    per_image = tiny(**kw, generator=[seeded(5), seeded(6)]).images
+    alone = tiny(**dict(kw, prompt="a dog"), generator=[seeded(6)]).images
+    assert torch.equal(per_image[1], alone[0])
+
+
+def test_num_images_per_prompt_orders_like_the_reference(tiny):
+    out = tiny(["a", "b"], num_images_per_prompt=3, num_inference_steps=1, height=32, width=32,
+               generator=[seeded(i) for i in range(6)], output_type="latent").images
+    assert out.shape[0] == 6
+
+
+def test_conditioning_is_computed_once_per_generation(tiny, monkeypatch):
+    calls = []
+    original = tiny.transformer.encode_conditions
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(tiny.transformer, "encode_conditions", counting)
+    tiny("x", num_inference_steps=5, height=32, width=32, generator=seeded(0))
+    assert len(calls) == 1
+
+
+def _capture_transformer_inputs(pipe):
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[0], kwargs["timestep"].clone())),
+        with_kwargs=True,
+    )
+    return seen, handle
+
+
+def test_guidance_off_runs_one_branch_and_on_runs_two(tiny):
+    seen, handle = _capture_transformer_inputs(tiny)
+    try:
+        tiny("x", num_inference_steps=2, height=32, width=32, guidance_scale=1.0, generator=seeded(0))
+        tiny("x", num_inference_steps=2, height=32, width=32, guidance_scale=5.0, generator=seeded(0))
+    finally:
+        handle.remove()
+    assert [batch for batch, _ in seen] == [1, 1, 2, 2]
+
+
+def test_timestep_convention_follows_the_config(reference, tiny):
+    _, released = reference
+    seen, handle = _capture_transformer_inputs(released)
+    try:
+        released("x", num_inference_steps=3, height=64, width=64, generator=seeded(0))
+    finally:
+        handle.remove()
+    assert [t.tolist() for _, t in seen] == [[2], [1], [0]]  # the reference: remaining step index
+    seen, handle = _capture_transformer_inputs(tiny)
+    try:
+        tiny("x", num_inference_steps=3, height=64, width=64, guidance_scale=1.0, generator=seeded(0))
+    finally:
+        handle.remove()
+    first, later = seen[0][1], seen[1][1]
+    assert first.tolist() == [1.0] and 0 < later.item() < 1  # ours: the share of tokens still masked
+
+
+def test_prompt_embeds_path_equals_prompt_path(tiny):
+    kw = dict(num_inference_steps=3, height=32, width=32, output_type="latent")
+    pooled, hidden = tiny.encode_prompt(["a cat"])
+    neg_pooled, neg_hidden = tiny.encode_prompt([""])
+    a = tiny(prompt="a cat", generator=seeded(2), **kw).images
+    b = tiny(prompt_embeds=pooled, encoder_hidden_states=hidden, negative_prompt_embeds=neg_pooled,
+             negative_encoder_hidden_states=neg_hidden, generator=seeded(2), **kw).images
+    c = tiny(prompt="a cat", negative_prompt="", generator=seeded(2), **kw).images
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_callback_on_step_end_sees_every_step_and_can_replace_tokens(tiny):
+    calls = []
+
+    def callback(pipe, step, timestep, tensors):
+        calls.append((step, timestep))
+        if step == 0:
+            return {"latents": torch.zeros_like(tensors["latents"])}
+        return {}
+
+    tokens = tiny("x", num_inference_steps=3, height=32, width=32, generator=seeded(0), output_type="latent",
+                  callback_on_step_end=callback).images
+    assert calls == [(0, 2), (1, 1), (2, 0)]
+    assert (tokens == 0).all()  # nothing was masked after the replacement, so nothing changed
+
+
+def test_given_latents_are_kept(tiny):
+    mask = tiny.scheduler.config.mask_token_id
+    latents = torch.randint(0, 64, (1, 4, 4), generator=seeded(0))
+    latents[0, :2] = mask
+    out = tiny("x", latents=latents, num_inference_steps=4, generator=seeded(1), output_type="latent").images
+    assert torch.equal(out[0, 2:], latents[0, 2:]) and (out != mask).all()
+
+
+def test_bf16_pipeline(tiny_folder):
+    pipe = load(tiny_folder, torch_dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    images = pipe("x", num_inference_steps=2, height=32, width=32, generator=seeded(0), output_type="np").images
+    assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(height=100), "height=100 must be a positive multiple of 16"),
+        (dict(width=0), "width=0"),
+        (dict(num_inference_steps=0), "num_inference_steps=0"),
+        (dict(output_type="jpg"), "output_type='jpg'"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt=0"),
+        (dict(prompt=None), "exactly one of prompt or prompt_embeds"),
+        (dict(prompt=["a", "b"], negative_prompt=["n"]), "1 negative prompts for 2 prompts"),
+    ],
+)
+def test_bad_arguments_are_refused(tiny, kw, match):
+    args = dict(prompt="x", num_inference_steps=1, height=32, width=32)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        tiny(**args)
+
+
+def test_mismatched_components_are_refused(tiny_folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    config = json.loads((bad / "scheduler" / "scheduler_config.json").read_text())
+    config["mask_token_id"] = 3
+    (bad / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="scheduler mask_token_id=3"):
+        MeissonicPipeline.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: shutil.rmtree(p / "vqvae"), "lacks the component folder"),
+    (lambda p: (p / "model_index.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: (p / "model_index.json").unlink(), "no model_index.json"),
+])
+def test_malformed_folders_are_refused(tiny_folder, tmp_path, damage, match):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    damage(bad)
+    with pytest.raises(ModelFolderError, match=match):
+        MeissonicPipeline.from_pretrained(bad)
+
+
+def test_missing_folder_and_offline_repo_id_are_refused(tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        MeissonicPipeline.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(ModelFolderError, match="could not fetch 'MeissonFlow/Meissonic'"):
+        MeissonicPipeline.from_pretrained("MeissonFlow/Meissonic")
+
+
+@pytest.mark.gpu
+def test_cuda_with_model_cpu_offload(tiny_folder):
+    pipe = load(tiny_folder, torch_dtype=torch.bfloat16)
+    pipe.enable_model_cpu_offload()
+    images = pipe("x", num_inference_steps=2, height=64, width=64, generator=torch.Generator("cuda").manual_seed(0),
+                  output_type="np").images
+    assert np.isfinite(images).all()
