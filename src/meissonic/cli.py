@@ -9,6 +9,7 @@ Bad input exits with status 2 and one line on stderr naming the problem; no file
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", action="store_true", help="model CPU offload (GPU only): less GPU memory")
     gen.set_defaults(run=generate)
 
+    bench = verbs.add_parser("bench", help="time one transformer forward of a named architecture (random weights)")
+    bench.add_argument("--preset", default="meissonic", help=f"architecture: {', '.join(_preset_names())}")
+    bench.add_argument("--resolution", type=int, default=1024, help="image side in pixels (multiple of 16)")
+    bench.add_argument("--batch", type=int, default=1, help="images per forward (doubled by guidance)")
+    bench.add_argument("--no-cfg", action="store_true", help="time without the classifier-free-guidance batch")
+    bench.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    bench.add_argument("--repeats", type=int, default=1, help="timed forwards per dtype (median reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed forwards per dtype first")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--json", type=Path, help="also write the figures to this JSON file (must not exist)")
+    bench.set_defaults(run=bench_command)
+
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
     init.add_argument("--preset", required=True, help=f"architecture: {', '.join(_preset_names())}")
     init.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -73,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Our own progress bar and messages only: no weight-loading bars or library chatter on the terminal."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+    import diffusers
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
 
 
 def _version() -> str:
@@ -233,6 +249,39 @@ def load_pipeline(model: str, dtype):
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from .bench import DTYPES as BENCH_DTYPES
+    from .bench import format_table, run_bench
+    from .presets import get_preset
+
+    get_preset(args.preset)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in BENCH_DTYPES]
+    if not dtypes or unknown:
+        raise UsageError(f"--dtypes {args.dtypes!r}: choose from {', '.join(BENCH_DTYPES)}")
+    if args.resolution < 16 or args.resolution % 16:
+        raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 16")
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise UsageError("--batch and --repeats must be at least 1, --warmup at least 0")
+    if args.json is not None and args.json.exists():
+        raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
+    device = resolve_device(args.device)
+    if "fp16" in dtypes and device.type == "cpu":
+        raise UsageError("fp16 on CPU is hundreds of times slower than bf16: leave it out of --dtypes")
+    rows = run_bench(args.preset, args.resolution, args.batch, not args.no_cfg, dtypes, args.repeats, args.warmup,
+                     device)
+    print(f"{args.preset} transformer, {args.resolution} px, batch {args.batch}"
+          f"{'' if args.no_cfg else ' x2 (guidance)'}, {device}, {rows[0]['threads']} threads")
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- init

@@ -15,13 +15,15 @@ class ModelFolderError(ValueError):
     """The model folder is missing, incomplete or malformed."""
 
 
-def resolve_model_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_model_folder(
+    name_or_path: str | os.PathLike, revision: str | None = None, variant: str | None = None
+) -> Path:
     """A local folder, or a hub repo id downloaded (or found in the cache) with `snapshot_download`."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if not REPO_ID.fullmatch(str(name_or_path)):
             raise ModelFolderError(f"model folder {str(name_or_path)!r} does not exist")
-        path = _download(str(name_or_path), revision)
+        path = _download(str(name_or_path), revision, variant)
     check_model_folder(path)
     return path
 
@@ -42,16 +44,19 @@ def check_model_folder(path: Path) -> None:
         raise ModelFolderError(f"{str(path)!r} lacks the component folder(s) {', '.join(missing)}")
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    # Configs, tokenizer files and safetensors weights of one variant only (the released repo holds fp32 and fp16).
+    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
     try:
         return Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"],
+                allow_patterns=["*.json", "*.txt", weights],
+                ignore_patterns=[] if variant else ["*.fp16.safetensors", "*.bf16.safetensors"],
             )
         )
     except HFValidationError:

@@ -85,21 +85,35 @@ class MeissonicPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | os.PathLike,
         torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
-        **unused,
+        variant: str | None = None,
+        **components,
     ) -> MeissonicPipeline:
-        """Load a folder (or Hugging Face repo id) in the released layout."""
-        folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision)
+        """Load a folder (or Hugging Face repo id) in the released layout.
+
+        `variant="fp16"` picks the released half-precision files. A component passed by name replaces the folder's,
+        e.g. `text_encoder=CLIPTextModelWithProjection.from_pretrained(...)` for the encoder the reference scripts use.
+        """
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown argument(s) {sorted(unknown)}; components are {', '.join(COMPONENTS)}")
+        folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision, variant=variant)
         index = json.loads((folder / "model_index.json").read_text())
+        weights = {"use_safetensors": True, "variant": variant}
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", use_safetensors=True)
-        pipe = cls(
-            vqvae=VQModel.from_pretrained(folder / "vqvae", use_safetensors=True, **dtype_kw),
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
-            text_encoder=text_encoder.to(torch_dtype) if torch_dtype is not None else text_encoder,
-            transformer=MeissonicTransformer.from_pretrained(folder / "transformer", use_safetensors=True, **dtype_kw),
-            scheduler=MeissonicScheduler.from_pretrained(folder / "scheduler"),
-            defaults=index.get("_meissonic_defaults"),
-        )
+
+        def text_encoder():
+            model = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **weights)
+            return model.to(torch_dtype) if torch_dtype is not None else model
+
+        loaders = {
+            "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights, **dtype_kw),
+            "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
+            "text_encoder": text_encoder,
+            "transformer": lambda: MeissonicTransformer.from_pretrained(folder / "transformer", **weights, **dtype_kw),
+            "scheduler": lambda: MeissonicScheduler.from_pretrained(folder / "scheduler"),
+        }
+        parts = {name: components[name] if name in components else load() for name, load in loaders.items()}
+        pipe = cls(**parts, defaults=index.get("_meissonic_defaults"))
         check_components(pipe)
         return pipe
 
