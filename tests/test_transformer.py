@@ -170,3 +170,19 @@ def test_bad_config_is_refused_naming_the_field(field, value, message):
     config[field] = value
     with pytest.raises(ValueError, match=re.escape(message)):
         MeissonicTransformer(**config)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = MeissonicTransformer.from_pretrained(PARITY / "transformer_ds")
+    kw = _inputs("transformer_ds")
+
+    def grads():
+        model.zero_grad()
+        model(**kw, timestep=torch.tensor([0.3])).logsumexp(1).mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed = grads()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
