@@ -74,6 +74,45 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the figures to this JSON file (must not exist)")
     bench.set_defaults(run=bench_command)
 
+    tr = verbs.add_parser("train", help="train or fine-tune the transformer (full or LoRA)")
+    tr.add_argument("--data", required=True, help="parquet file/folder/glob, image folder with .txt captions, "
+                    "or a datasets save_to_disk folder")
+    tr.add_argument("--out", type=Path, required=True, help="output folder: checkpoints, metrics, final model")
+    tr.add_argument("--model", help="pipeline folder to fine-tune (or whose tokenizer/text encoder to reuse)")
+    tr.add_argument("--preset", help=f"train a new transformer of this architecture: {', '.join(_preset_names())}")
+    tr.add_argument("--image-column", default="image")
+    tr.add_argument("--caption-column", default="caption")
+    tr.add_argument("--score-column", default="aesthetic_score", help="aesthetic score column, used when present")
+    tr.add_argument("--resolution", type=int, default=256)
+    tr.add_argument("--center-crop", action="store_true", help="center instead of random crops")
+    tr.add_argument("--batch-size", type=int, default=4, help="per process")
+    tr.add_argument("--gradient-accumulation", type=int, default=1)
+    tr.add_argument("--max-steps", type=int, default=1000)
+    tr.add_argument("--learning-rate", type=float, default=1e-4)
+    tr.add_argument("--lr-scheduler", default="constant",
+                    choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"))
+    tr.add_argument("--warmup-steps", type=int, default=0)
+    tr.add_argument("--weight-decay", type=float, default=0.01)
+    tr.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit")
+    tr.add_argument("--max-grad-norm", type=float, default=1.0)
+    tr.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    tr.add_argument("--min-mask-rate", type=float, default=0.0)
+    tr.add_argument("--cond-dropout", type=float, default=0.1, help="share of samples trained with the empty prompt")
+    tr.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters of this rank")
+    tr.add_argument("--lora-alpha", type=float)
+    tr.add_argument("--train-text-encoder", action="store_true")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--ema-decay", type=float, default=0.0, help="> 0: keep EMA weights (e.g. 0.999)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--checkpoint-every", type=int, default=500)
+    tr.add_argument("--keep-checkpoints", type=int, default=3)
+    tr.add_argument("--resume", help="a checkpoint folder, or 'latest'")
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--validation-every", type=int, default=0, help="steps between validation images (0: never)")
+    tr.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
+    tr.add_argument("--validation-steps", type=int, default=16, help="sampling steps of validation images")
+    tr.set_defaults(run=train_command)
+
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
     init.add_argument("--preset", required=True, help=f"architecture: {', '.join(_preset_names())}")
     init.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -281,6 +320,24 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .training.data import DataError
+    from .training.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        out = train(cfg)
+    except DataError as err:
+        raise UsageError(f"training data: {err}") from None
+    target = f"--model {out / 'lora'} (LoRA adapter)" if cfg.lora_rank else f"--model {out}"
+    print(f"done: {out} (generate with {target})")
     return 0
 
 

@@ -44,3 +44,14 @@ def save_png(image: Image.Image, folder: Path, prompt: str, seed: int, params: d
         raise OSError(f"no free file name for {base}.png in {str(folder)!r}")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side, `columns` per row (default: all in one row up to 4)."""
+    columns = columns or min(len(images), 4)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid

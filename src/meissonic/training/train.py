@@ -1,0 +1,384 @@
+"""`meissonic train`: one explicit training loop for the Meissonic transformer (full or LoRA), built on accelerate.
+
+Exact resume: every random choice of a step (which samples, their crops, the masks, the condition dropout) is drawn
+from a generator seeded by (seed, step, micro-batch, rank), so a resumed run repeats the uninterrupted one; the
+checkpoint holds the trainable weights, optimizer, learning-rate schedule and EMA state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..pipeline import MeissonicPipeline
+from ..text import tokenize
+from ..vq import encode_image
+from .checkpoint import read_state, resolve_resume, save_checkpoint
+from .data import open_dataset, prepare_image
+from .objective import drop_conditions, mask_rate_timestep, mask_tokens, masked_cross_entropy, sample_mask_ratios
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: Path
+    model: str | None = None  # pipeline folder: its transformer is fine-tuned, or its VQ/text encoder reused
+    preset: str | None = None  # a new transformer of this architecture (random init)
+    image_column: str = "image"
+    caption_column: str = "caption"
+    score_column: str = "aesthetic_score"
+    resolution: int = 256
+    batch_size: int = 4
+    gradient_accumulation: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    min_mask_rate: float = 0.0
+    cond_dropout: float = 0.1
+    lora_rank: int = 0  # > 0: train LoRA adapters instead of the full transformer
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, used for validation and the final model
+    seed: int = 0
+    center_crop: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int | None = 3
+    resume: str | None = None
+    log_every: int = 10
+    validation_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 16
+    progress: bool = True
+
+
+class TrainingError(ValueError):
+    """A training option or state that cannot work, named in one line."""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if (cfg.model is None) == (cfg.preset is None) and cfg.model is None:
+        raise TrainingError("give --model (a pipeline folder to fine-tune) or --preset (a new transformer)")
+    positive = {"resolution": cfg.resolution, "batch_size": cfg.batch_size, "max_steps": cfg.max_steps,
+                "gradient_accumulation": cfg.gradient_accumulation, "checkpoint_every": cfg.checkpoint_every,
+                "log_every": cfg.log_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if cfg.resolution % 16:
+        raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
+    if not 0 <= cfg.cond_dropout <= 1 or not 0 <= cfg.min_mask_rate <= 1:
+        raise TrainingError("--cond-dropout and --min-mask-rate must lie in [0, 1]")
+    if cfg.learning_rate <= 0:
+        raise TrainingError(f"--learning-rate {cfg.learning_rate}: must be positive")
+    if not 0 <= cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay {cfg.ema_decay}: must lie in [0, 1)")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise TrainingError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
+    if cfg.keep_checkpoints is not None and cfg.keep_checkpoints < 1:
+        raise TrainingError(f"--keep-checkpoints {cfg.keep_checkpoints}: must be at least 1")
+
+
+def build_models(cfg: TrainConfig) -> MeissonicPipeline:
+    """The pipeline whose transformer is trained: loaded, or with a new transformer from a preset."""
+    from ..presets import build_pipeline, get_preset
+    from ..transformer import MeissonicTransformer
+
+    if cfg.model is None:
+        return build_pipeline(cfg.preset, seed=cfg.seed)
+    pipe = MeissonicPipeline.from_pretrained(cfg.model)
+    if cfg.preset is not None:
+        preset = get_preset(cfg.preset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            pipe.transformer = MeissonicTransformer(**preset.transformer)
+        pipe.defaults = {"resolution": preset.resolution, "steps": preset.steps}
+    from ..pipeline import check_components
+
+    check_components(pipe)
+    return pipe
+
+
+class Batches:
+    """Deterministic micro-batches: position k of rank r reads samples of a seeded permutation per epoch."""
+
+    def __init__(self, dataset, cfg: TrainConfig, rank: int, world: int):
+        self.dataset, self.cfg, self.rank, self.world = dataset, cfg, rank, world
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.dataset), generator=gen))
+        return self._perm[1]
+
+    def __call__(self, micro_step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str], float]:
+        """pixels (B, 3, R, R), micro-conditions (B, 5), captions, epoch (fractional)."""
+        size, n = self.cfg.batch_size, len(self.dataset)
+        start = (micro_step * self.world + self.rank) * size
+        pixels, micro, captions = [], [], []
+        for position in range(start, start + size):
+            sample = self.dataset[int(self._order(position // n)[position % n])]
+            image, cond = prepare_image(sample.image, self.cfg.resolution, gen, center=self.cfg.center_crop)
+            pixels.append(image)
+            micro.append(torch.cat([cond, torch.tensor([sample.score])]))
+            captions.append(sample.caption)
+        return torch.stack(pixels), torch.stack(micro), captions, start / n
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 4099 + rank)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the output folder."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    check_config(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    dataset = open_dataset(cfg.data, cfg.image_column, cfg.caption_column, cfg.score_column)
+    pipe = build_models(cfg)
+    transformer, vqvae, text_encoder, tokenizer = pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer
+    device = accelerator.device
+    vqvae.requires_grad_(False).eval().to(device)
+    text_encoder.requires_grad_(False).eval().to(device)
+    transformer.train()
+
+    if cfg.lora_rank:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                           target_modules=cfg.lora_targets, init_lora_weights="gaussian"))
+    trains_text = cfg.train_text_encoder
+    if trains_text:
+        text_encoder.requires_grad_(True).train()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        if trains_text:
+            text_encoder.gradient_checkpointing_enable()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    text_params = [p for p in text_encoder.parameters() if p.requires_grad] if trains_text else []
+    optimizer = _optimizer(cfg, params + text_params)
+    schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.max_steps)
+    ema = None
+    if cfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay, foreach=False)
+
+    start_step = 0
+    checkpoints = cfg.out / "checkpoints"
+    resume = resolve_resume(cfg.resume, checkpoints) if cfg.resume else None
+    if resume is not None:
+        start_step = _load_checkpoint(resume, cfg, transformer, text_encoder, optimizer, schedule, ema)
+    if trains_text:
+        transformer, text_encoder, optimizer = accelerator.prepare(transformer, text_encoder, optimizer)
+    else:
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model = accelerator.unwrap_model(transformer)
+    convention = model.config.get("mask_rate_conditioning", "step_index")
+    mask_id = model.mask_token_id
+    batches = Batches(dataset, cfg, accelerator.process_index, accelerator.num_processes)
+    metrics_path = cfg.out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+        (cfg.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+    with torch.no_grad():
+        empty_ids = tokenize(tokenizer, [""]).to(device)
+
+    def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = tokenize(tokenizer, captions).to(device)
+        out = text_encoder(ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and accelerator.is_main_process),
+               desc="train", unit="step")
+    samples_per_step = cfg.batch_size * cfg.gradient_accumulation * accelerator.num_processes
+    for step in range(start_step, cfg.max_steps):
+        began = time.perf_counter()
+        total, epoch = 0.0, 0.0
+        for micro in range(cfg.gradient_accumulation):
+            gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
+            pixels, micro_conds, captions, epoch = batches(step * cfg.gradient_accumulation + micro, gen)
+            with torch.no_grad():
+                tokens = encode_image(vqvae, pixels.to(device))
+            inputs, labels, share = mask_tokens(tokens, sample_mask_ratios(len(captions), gen, cfg.min_mask_rate),
+                                                mask_id, gen)
+            timestep = mask_rate_timestep(share, convention, pipe.defaults["steps"]).to(device)
+            last = micro == cfg.gradient_accumulation - 1
+            sync = nullcontext() if last else accelerator.no_sync(transformer)
+            with sync, accelerator.autocast():
+                with nullcontext() if trains_text else torch.no_grad():
+                    hidden, pooled = encode_text(captions)
+                    empty_hidden, empty_pooled = encode_text([""]) if cfg.cond_dropout else (None, None)
+                if cfg.cond_dropout:
+                    hidden, pooled, _ = drop_conditions(hidden, pooled, empty_hidden, empty_pooled,
+                                                        cfg.cond_dropout, gen)
+                logits = transformer(hidden_states=inputs, encoder_hidden_states=hidden, pooled_projections=pooled,
+                                     micro_conds=micro_conds.to(device), timestep=timestep)
+                loss = masked_cross_entropy(logits, labels.to(device))
+                accelerator.backward(loss / cfg.gradient_accumulation)
+            total += loss.detach().float().item() / cfg.gradient_accumulation
+        if not math.isfinite(total):
+            raise TrainingError(f"loss became {total} at step {step + 1}; the last good checkpoint is kept in "
+                                f"{checkpoints} (lower --learning-rate or use --mixed-precision bf16)")
+        grad_norm = accelerator.clip_grad_norm_(params + text_params, cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        done = step + 1
+        loss_mean = accelerator.reduce(torch.tensor(total, device=device), reduction="mean").item()
+        rate = samples_per_step / (time.perf_counter() - began)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.4f}", samples_s=f"{rate:.2f}")
+        if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            record = {"step": done, "loss": loss_mean, "lr": schedule.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "samples_per_s": rate, "epoch": epoch}
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                unwrapped_text = accelerator.unwrap_model(text_encoder) if trains_text else None
+                save_checkpoint(checkpoints, done,
+                                lambda folder: _write_checkpoint(folder, cfg, model, unwrapped_text, optimizer,
+                                                                 schedule, ema),
+                                {"seed": cfg.seed, "max_steps": cfg.max_steps}, cfg.keep_checkpoints)
+        if cfg.validation_every and cfg.validation_prompts and done % cfg.validation_every == 0:
+            if accelerator.is_main_process:
+                _validate(pipe, model, params, ema, cfg, done, device)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_final(pipe, model, params, ema, cfg, trains_text)
+    accelerator.end_training()
+    return cfg.out
+
+
+def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def _write_checkpoint(folder: Path, cfg, model, text_encoder, optimizer, schedule, ema) -> None:
+    save_file({k: v.detach().contiguous() for k, v in _trainable_state(model, bool(cfg.lora_rank)).items()},
+              folder / "transformer.safetensors")
+    if text_encoder is not None:
+        save_file({k: v.detach().contiguous() for k, v in text_encoder.state_dict().items()},
+                  folder / "text_encoder.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(schedule.state_dict(), folder / "lr_scheduler.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), folder / "ema.pt")
+
+
+def _load_checkpoint(path: Path, cfg, transformer, text_encoder, optimizer, schedule, ema) -> int:
+    state = read_state(path)
+    weights = load_file(path / "transformer.safetensors")
+    if cfg.lora_rank:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(transformer, weights)
+    else:
+        transformer.load_state_dict(weights)
+    if (path / "text_encoder.safetensors").is_file():
+        text_encoder.load_state_dict(load_file(path / "text_encoder.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    schedule.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    if ema is not None and (path / "ema.pt").is_file():
+        ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (they are logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _EmaWeights:
+    """Context: the EMA weights in the model for its body, the trained ones restored after."""
+
+    def __init__(self, ema, params):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+@torch.no_grad()
+def _validate(pipe: MeissonicPipeline, model, params, ema, cfg: TrainConfig, step: int, device) -> Path:
+    from ..outputs import image_grid
+
+    was_training = model.training
+    model.eval()
+    pipe.transformer = model
+    pipe.set_progress_bar_config(disable=True)
+    with _EmaWeights(ema, params), torch.autocast(device.type, enabled=False):
+        images = pipe(prompt=cfg.validation_prompts, height=cfg.resolution, width=cfg.resolution,
+                      num_inference_steps=cfg.validation_steps,
+                      generator=[torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts))]
+                      ).images
+    model.train(was_training)
+    folder = cfg.out / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step}.png"
+    image_grid(images).save(path)
+    return path
+
+
+def _save_final(pipe: MeissonicPipeline, model, params, ema, cfg: TrainConfig, trains_text: bool) -> None:
+    with _EmaWeights(ema, params):
+        if cfg.lora_rank:
+            model.save_lora_adapter(cfg.out / "lora")
+            (cfg.out / "lora" / "base_model.json").write_text(json.dumps({"base_model": cfg.model}) + "\n")
+        else:
+            pipe.transformer = model
+            pipe.save_pretrained(cfg.out)
+    if cfg.lora_rank and trains_text:  # a LoRA run that also trained the text encoder: keep it beside the adapter
+        pipe.text_encoder.save_pretrained(cfg.out / "lora" / "text_encoder")
