@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     gen.add_argument("--offload", action="store_true", help="model CPU offload (GPU only): less GPU memory")
+    gen.add_argument("--lora", type=Path, help="a LoRA adapter folder written by `meissonic train --lora-rank`")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
     gen.set_defaults(run=generate)
 
     bench = verbs.add_parser("bench", help="time one transformer forward of a named architecture (random weights)")
@@ -192,6 +194,8 @@ def generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype)
+    if args.lora is not None:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
     if args.offload:
         if device.type != "cuda":
             raise UsageError("--offload needs a CUDA GPU")
@@ -235,6 +239,7 @@ def generate(args: argparse.Namespace) -> int:
                 "schedule": args.schedule or pipe.scheduler.config.masking_schedule,
                 "aesthetic_score": args.aesthetic_score,
                 "model": str(args.model),
+                "lora": None if args.lora is None else str(args.lora),
                 "dtype": str(dtype).removeprefix("torch."),
                 "meissonic_version": _version(),
             }
@@ -336,7 +341,7 @@ def train_command(args: argparse.Namespace) -> int:
         out = train(cfg)
     except DataError as err:
         raise UsageError(f"training data: {err}") from None
-    target = f"--model {out / 'lora'} (LoRA adapter)" if cfg.lora_rank else f"--model {out}"
+    target = f"--model {cfg.model or 'BASE'} --lora {out / 'lora'}" if cfg.lora_rank else f"--model {out}"
     print(f"done: {out} (generate with {target})")
     return 0
 

@@ -129,6 +129,20 @@ class MeissonicPipeline(DiffusionPipeline):
         index = dict(RELEASED_MODEL_INDEX, _meissonic_version=__version__, _meissonic_defaults=self.defaults)
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
+    def load_lora(self, folder: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Add a LoRA adapter written by `meissonic train --lora-rank` (`pytorch_lora_weights.safetensors`)."""
+        path = Path(folder)
+        if not (path / "pytorch_lora_weights.safetensors").is_file():
+            raise ModelFolderError(f"{str(path)!r} holds no pytorch_lora_weights.safetensors")
+        self.transformer.load_lora_adapter(
+            path, prefix=None, adapter_name=adapter_name, weight_name="pytorch_lora_weights.safetensors"
+        )
+        self.transformer.set_adapters([adapter_name], weights=[scale])
+        text_encoder = path / "text_encoder"
+        if text_encoder.is_dir():  # the run also trained the text encoder
+            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder).to(
+                self.text_encoder.device, self.text_encoder.dtype)
+
     # ------------------------------------------------------------------------------------------ generation
 
     def encode_prompt(

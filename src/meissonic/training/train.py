@@ -149,10 +149,14 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output folder."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     check_config(cfg)
+    # accelerate keeps one global state per process; a second run in the same process (library use, tests) may ask
+    # for another precision, so start from a clean state (the distributed part is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     dataset = open_dataset(cfg.data, cfg.image_column, cfg.caption_column, cfg.score_column)
     pipe = build_models(cfg)
@@ -256,7 +260,8 @@ def train(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{loss_mean:.4f}", samples_s=f"{rate:.2f}")
         if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
             record = {"step": done, "loss": loss_mean, "lr": schedule.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "samples_per_s": rate, "epoch": epoch}
+                      "grad_norm": float(grad_norm), "samples_per_s": rate, "epoch": epoch,
+                      "processes": accelerator.num_processes}
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
