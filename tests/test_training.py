@@ -304,3 +304,28 @@ def test_two_process_ddp_on_cpu(parquet, tmp_path):
     assert all(r["processes"] == 2 for r in records)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
     MeissonicPipeline.from_pretrained(out)
+
+
+def test_pre_encoding_cache_is_built_once_reused_and_checked(parquet, tmp_path):
+    from meissonic.training.cache import EncodedCache, cache_identity, fingerprint
+    from meissonic.training.data import prepare_image as prep
+    from meissonic.vq import encode_image
+
+    cache = tmp_path / "cache"
+    out = tmp_path / "cached"
+    train(config(parquet, out, cache=cache, center_crop=True, max_steps=30, checkpoint_every=30))
+    values = losses(out)
+    assert np.mean(values[-6:]) < 0.8 * np.mean(values[:3])
+    stamp = (cache / "cache.json").stat().st_mtime_ns
+    train(config(parquet, tmp_path / "again", cache=cache, center_crop=True, max_steps=2))
+    assert (cache / "cache.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(TrainingError, match="resolution differ"):
+        train(config(parquet, tmp_path / "other", cache=cache, center_crop=True, resolution=32, max_steps=1))
+    with pytest.raises(TrainingError, match="cannot be used with --train-text-encoder"):
+        train(config(parquet, tmp_path / "te", cache=cache, train_text_encoder=True, max_steps=1))
+    pipe = MeissonicPipeline.from_pretrained(out)  # same VQ and text encoder as the preset run
+    identity = cache_identity(str(parquet), 64, True, 0, 32, fingerprint(pipe.vqvae, pipe.text_encoder))
+    stored = EncodedCache(cache, identity)
+    sample = open_dataset(parquet)[5]
+    tokens = encode_image(pipe.vqvae, prep(sample.image, 64, center=True)[0][None])
+    assert torch.equal(stored[5][0].long(), tokens[0])

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-text-encoder", action="store_true")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--ema-decay", type=float, default=0.0, help="> 0: keep EMA weights (e.g. 0.999)")
+    tr.add_argument("--cache", type=Path, help="pre-encode tokens and text embeddings here once, train from them")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=int, default=500)
     tr.add_argument("--keep-checkpoints", type=int, default=3)

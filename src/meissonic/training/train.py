@@ -66,6 +66,7 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 16
     progress: bool = True
+    cache: Path | None = None  # pre-encoded tokens and text embeddings (built on first use)
 
 
 class TrainingError(ValueError):
@@ -91,6 +92,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--ema-decay {cfg.ema_decay}: must lie in [0, 1)")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
+    if cfg.cache is not None and cfg.train_text_encoder:
+        raise TrainingError("--cache stores frozen text embeddings: it cannot be used with --train-text-encoder")
     if cfg.keep_checkpoints is not None and cfg.keep_checkpoints < 1:
         raise TrainingError(f"--keep-checkpoints {cfg.keep_checkpoints}: must be at least 1")
 
@@ -115,31 +118,36 @@ def build_models(cfg: TrainConfig) -> MeissonicPipeline:
     return pipe
 
 
-class Batches:
-    """Deterministic micro-batches: position k of rank r reads samples of a seeded permutation per epoch."""
+class SampleOrder:
+    """Deterministic micro-batches: position k of rank r takes samples of a seeded permutation per epoch."""
 
-    def __init__(self, dataset, cfg: TrainConfig, rank: int, world: int):
-        self.dataset, self.cfg, self.rank, self.world = dataset, cfg, rank, world
+    def __init__(self, size: int, batch: int, seed: int, rank: int, world: int):
+        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _order(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=gen))
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.size, generator=gen))
         return self._perm[1]
 
-    def __call__(self, micro_step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str], float]:
-        """pixels (B, 3, R, R), micro-conditions (B, 5), captions, epoch (fractional)."""
-        size, n = self.cfg.batch_size, len(self.dataset)
-        start = (micro_step * self.world + self.rank) * size
-        pixels, micro, captions = [], [], []
-        for position in range(start, start + size):
-            sample = self.dataset[int(self._order(position // n)[position % n])]
-            image, cond = prepare_image(sample.image, self.cfg.resolution, gen, center=self.cfg.center_crop)
-            pixels.append(image)
-            micro.append(torch.cat([cond, torch.tensor([sample.score])]))
-            captions.append(sample.caption)
-        return torch.stack(pixels), torch.stack(micro), captions, start / n
+    def __call__(self, micro_step: int) -> tuple[list[int], float]:
+        """Dataset indices of this rank's micro-batch, and the epoch reached (fractional)."""
+        start = (micro_step * self.world + self.rank) * self.batch
+        positions = range(start, start + self.batch)
+        return [int(self._order(p // self.size)[p % self.size]) for p in positions], start / self.size
+
+
+def load_images(dataset, indices: list[int], resolution: int, gen: torch.Generator, center: bool):
+    """pixels (B, 3, R, R), micro-conditions (B, 5), captions."""
+    pixels, micro, captions = [], [], []
+    for index in indices:
+        sample = dataset[index]
+        image, cond = prepare_image(sample.image, resolution, gen, center=center)
+        pixels.append(image)
+        micro.append(torch.cat([cond, torch.tensor([sample.score])]))
+        captions.append(sample.caption)
+    return torch.stack(pixels), torch.stack(micro), captions
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -202,15 +210,13 @@ def train(cfg: TrainConfig) -> Path:
     model = accelerator.unwrap_model(transformer)
     convention = model.config.get("mask_rate_conditioning", "step_index")
     mask_id = model.mask_token_id
-    batches = Batches(dataset, cfg, accelerator.process_index, accelerator.num_processes)
+    cache = _open_cache(cfg, accelerator, dataset, vqvae, tokenizer, text_encoder) if cfg.cache else None
+    order = SampleOrder(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     metrics_path = cfg.out / "metrics.jsonl"
     if accelerator.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start_step)
         (cfg.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
-    with torch.no_grad():
-        empty_ids = tokenize(tokenizer, [""]).to(device)
-
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenize(tokenizer, captions).to(device)
         out = text_encoder(ids, output_hidden_states=True, return_dict=True)
@@ -224,18 +230,28 @@ def train(cfg: TrainConfig) -> Path:
         total, epoch = 0.0, 0.0
         for micro in range(cfg.gradient_accumulation):
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
-            pixels, micro_conds, captions, epoch = batches(step * cfg.gradient_accumulation + micro, gen)
-            with torch.no_grad():
-                tokens = encode_image(vqvae, pixels.to(device))
-            inputs, labels, share = mask_tokens(tokens, sample_mask_ratios(len(captions), gen, cfg.min_mask_rate),
+            indices, epoch = order(step * cfg.gradient_accumulation + micro)
+            if cache is not None:
+                rows = [cache[i] for i in indices]
+                tokens, micro_conds = torch.stack([r[0] for r in rows]).long().to(device), torch.stack([r[3] for r in rows])
+            else:
+                pixels, micro_conds, captions = load_images(dataset, indices, cfg.resolution, gen, cfg.center_crop)
+                with torch.no_grad():
+                    tokens = encode_image(vqvae, pixels.to(device))
+            inputs, labels, share = mask_tokens(tokens, sample_mask_ratios(len(indices), gen, cfg.min_mask_rate),
                                                 mask_id, gen)
             timestep = mask_rate_timestep(share, convention, pipe.defaults["steps"]).to(device)
             last = micro == cfg.gradient_accumulation - 1
             sync = nullcontext() if last else accelerator.no_sync(transformer)
             with sync, accelerator.autocast():
-                with nullcontext() if trains_text else torch.no_grad():
-                    hidden, pooled = encode_text(captions)
-                    empty_hidden, empty_pooled = encode_text([""]) if cfg.cond_dropout else (None, None)
+                if cache is not None:
+                    hidden = torch.stack([r[1] for r in rows]).to(device, torch.float32)
+                    pooled = torch.stack([r[2] for r in rows]).to(device, torch.float32)
+                    empty_hidden, empty_pooled = (t.to(device, torch.float32) for t in cache.empty)
+                else:
+                    with nullcontext() if trains_text else torch.no_grad():
+                        hidden, pooled = encode_text(captions)
+                        empty_hidden, empty_pooled = encode_text([""]) if cfg.cond_dropout else (None, None)
                 if cfg.cond_dropout:
                     hidden, pooled, _ = drop_conditions(hidden, pooled, empty_hidden, empty_pooled,
                                                         cfg.cond_dropout, gen)
@@ -281,6 +297,21 @@ def train(cfg: TrainConfig) -> Path:
         _save_final(pipe, model, params, ema, cfg, trains_text)
     accelerator.end_training()
     return cfg.out
+
+
+def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_encoder):
+    from .cache import EncodedCache, build_cache, cache_identity, fingerprint
+
+    identity = cache_identity(cfg.data, cfg.resolution, cfg.center_crop, cfg.seed, len(dataset),
+                              fingerprint(vqvae, text_encoder))
+    folder = Path(cfg.cache)
+    if accelerator.is_main_process and not (folder / "cache.json").is_file():
+        build_cache(folder, identity, dataset, vqvae, tokenizer, text_encoder)
+    accelerator.wait_for_everyone()
+    try:
+        return EncodedCache(folder, identity)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
