@@ -329,3 +329,17 @@ def test_pre_encoding_cache_is_built_once_reused_and_checked(parquet, tmp_path):
     sample = open_dataset(parquet)[5]
     tokens = encode_image(pipe.vqvae, prep(sample.image, 64, center=True)[0][None])
     assert torch.equal(stored[5][0].long(), tokens[0])
+
+
+def test_train_with_a_tokenizer_from_train_vq(parquet, tmp_path):
+    from meissonic.training.vq_train import VQTrainConfig, train_vq
+
+    train_vq(VQTrainConfig(data=str(parquet), out=tmp_path / "vq", preset="tiny", resolution=64, batch_size=4,
+                           max_steps=3, progress=False))
+    out = tmp_path / "run"
+    train(config(parquet, out, vqvae=str(tmp_path / "vq"), max_steps=2))
+    trained = load_file(tmp_path / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors")
+    used = load_file(out / "vqvae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(trained[k], used[k]) for k in trained)
+    with pytest.raises(TrainingError, match="codebook_size=64 does not match vqvae num_vq_embeddings=100"):
+        train(config(parquet, tmp_path / "bad", vqvae=str(FIXTURES / "reference-pipeline" / "ds" / "vqvae")))

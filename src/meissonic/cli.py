@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True, help="output folder: checkpoints, metrics, final model")
     tr.add_argument("--model", help="pipeline folder to fine-tune (or whose tokenizer/text encoder to reuse)")
     tr.add_argument("--preset", help=f"train a new transformer of this architecture: {', '.join(_preset_names())}")
+    tr.add_argument("--vqvae", help="a tokenizer folder (e.g. `meissonic train-vq` output) to use instead")
     tr.add_argument("--image-column", default="image")
     tr.add_argument("--caption-column", default="caption")
     tr.add_argument("--score-column", default="aesthetic_score", help="aesthetic score column, used when present")
@@ -115,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
     tr.add_argument("--validation-steps", type=int, default=16, help="sampling steps of validation images")
     tr.set_defaults(run=train_command)
+
+    tv = verbs.add_parser("train-vq", help="train or fine-tune the VQ image tokenizer")
+    tv.add_argument("--data", required=True, help="same sources as `train`")
+    tv.add_argument("--out", type=Path, required=True, help="output folder: checkpoints, metrics, vqvae/")
+    tv.add_argument("--model", help="a VQModel folder, or a pipeline folder (its vqvae/), to fine-tune")
+    tv.add_argument("--preset", help=f"a new tokenizer of this preset's architecture: {', '.join(_preset_names())}")
+    tv.add_argument("--image-column", default="image")
+    tv.add_argument("--resolution", type=int, default=256)
+    tv.add_argument("--center-crop", action="store_true")
+    tv.add_argument("--batch-size", type=int, default=8)
+    tv.add_argument("--max-steps", type=int, default=2000)
+    tv.add_argument("--learning-rate", type=float, default=2e-4)
+    tv.add_argument("--weight-decay", type=float, default=0.0)
+    tv.add_argument("--max-grad-norm", type=float, default=1.0)
+    tv.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    tv.add_argument("--l1-weight", type=float, default=1.0)
+    tv.add_argument("--l2-weight", type=float, default=1.0)
+    tv.add_argument("--disc-weight", type=float, default=0.0, help="> 0: add a patch discriminator (GAN loss)")
+    tv.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator starts")
+    tv.add_argument("--reset-dead-every", type=int, default=0, help="re-seed codes unused over this many steps")
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--checkpoint-every", type=int, default=500)
+    tv.add_argument("--keep-checkpoints", type=int, default=3)
+    tv.add_argument("--resume", help="a checkpoint folder, or 'latest'")
+    tv.add_argument("--log-every", type=int, default=10)
+    tv.set_defaults(run=train_vq_command)
 
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
     init.add_argument("--preset", required=True, help=f"architecture: {', '.join(_preset_names())}")
@@ -344,6 +371,23 @@ def train_command(args: argparse.Namespace) -> int:
         raise UsageError(f"training data: {err}") from None
     target = f"--model {cfg.model or 'BASE'} --lora {out / 'lora'}" if cfg.lora_rank else f"--model {out}"
     print(f"done: {out} (generate with {target})")
+    return 0
+
+
+def train_vq_command(args: argparse.Namespace) -> int:
+    from .training.data import DataError
+    from .training.vq_train import VQTrainConfig, train_vq
+
+    fields = VQTrainConfig.__dataclass_fields__
+    cfg = VQTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        out = train_vq(cfg)
+    except DataError as err:
+        raise UsageError(f"training data: {err}") from None
+    report = json.loads((out / "vq_report.json").read_text())
+    print(f"done: {out / 'vqvae'}: reconstruction MSE {report['mse']:.5f} (PSNR {report['psnr']:.2f} dB), "
+          f"codebook usage {report['codebook_usage']:.1%}, perplexity {report['perplexity']:.1f} "
+          f"over {report['samples']} samples")
     return 0
 
 

@@ -6,6 +6,7 @@ A preset holds the config of every component; `build_pipeline(preset)` makes a p
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -108,6 +109,11 @@ PRESETS: dict[str, Preset] = {
         _transformer(1, 2, 2, 16, [4, 6, 6], 32, 64, 65, True, "mask_rate"),
         _vq([16, 16, 16, 16, 32], 8, 64, 1, 8), _text(32, 2, 2, 32), resolution=128, steps=8,
     ),
+    "small": Preset(
+        "a ~10M-parameter transformer with compression, 1024-code tokenizer and small CLIP, for CPU training",
+        _transformer(2, 4, 4, 64, [16, 24, 24], 256, 1024, 1025, True, "mask_rate"),
+        _vq([32, 64, 64, 128, 128], 16, 1024, 1, 16), _text(256, 4, 4, 256), resolution=256, steps=16,
+    ),
     "tiny-nods": Preset(
         "the tiny model without the 2x feature compression (Monetico's layout)",
         _transformer(1, 2, 2, 16, [4, 6, 6], 32, 64, 65, False, "mask_rate"),
@@ -130,11 +136,18 @@ def clip_tokenizer() -> CLIPTokenizer:
     )
 
 
+@contextmanager
+def seeded_init(seed: int):
+    """Random initialisation under `seed` without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_pipeline(name: str, seed: int = 0) -> MeissonicPipeline:
     """A pipeline of the named architecture with random weights (seeded, so the same seed gives the same model)."""
     preset = get_preset(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         transformer = MeissonicTransformer(**preset.transformer)
         vqvae = VQModel(**preset.vqvae)
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder))

@@ -1,5 +1,6 @@
 """Checkpoints that lose nothing: written to a temporary folder and renamed into place (a run killed while saving
-leaves the previous checkpoints intact), the last K kept, and `latest` found by step number."""
+leaves the previous checkpoints intact), the last K kept, and `latest` found by step number. Also the run's
+`metrics.jsonl`, trimmed on resume so a step is never logged twice."""
 
 from __future__ import annotations
 
@@ -65,3 +66,16 @@ def _fsync_tree(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (those steps are run, and logged, again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -171,3 +171,39 @@ def prepare_image(image: Image.Image, resolution: int, generator: torch.Generato
     crop = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, R, R)
     return pixels, torch.tensor([width, height, top, left], dtype=torch.float32)
+
+
+class SampleOrder:
+    """Deterministic micro-batches: position k of rank r takes samples of a seeded permutation per epoch."""
+
+    def __init__(self, size: int, batch: int, seed: int, rank: int, world: int):
+        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.size, generator=gen))
+        return self._perm[1]
+
+    def __call__(self, micro_step: int) -> tuple[list[int], float]:
+        """Dataset indices of this rank's micro-batch, and the epoch reached (fractional)."""
+        start = (micro_step * self.world + self.rank) * self.batch
+        positions = range(start, start + self.batch)
+        return [int(self._order(p // self.size)[p % self.size]) for p in positions], start / self.size
+
+
+def load_images(dataset, indices: list[int], resolution: int, gen: torch.Generator, center: bool):
+    """pixels (B, 3, R, R), micro-conditions (B, 5), captions."""
+    pixels, micro, captions = [], [], []
+    for index in indices:
+        sample = dataset[index]
+        image, cond = prepare_image(sample.image, resolution, gen, center=center)
+        pixels.append(image)
+        micro.append(torch.cat([cond, torch.tensor([sample.score])]))
+        captions.append(sample.caption)
+    return torch.stack(pixels), torch.stack(micro), captions
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 4099 + rank)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from ..pipeline import MeissonicPipeline
 from ..text import tokenize
 from ..vq import encode_image
-from .checkpoint import read_state, resolve_resume, save_checkpoint
-from .data import open_dataset, prepare_image
+from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
+from .data import SampleOrder, load_images, open_dataset, step_generator
 from .objective import drop_conditions, mask_rate_timestep, mask_tokens, masked_cross_entropy, sample_mask_ratios
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -33,6 +33,7 @@ class TrainConfig:
     out: Path
     model: str | None = None  # pipeline folder: its transformer is fine-tuned, or its VQ/text encoder reused
     preset: str | None = None  # a new transformer of this architecture (random init)
+    vqvae: str | None = None  # a tokenizer folder (e.g. `train-vq` output) replacing the pipeline's
     image_column: str = "image"
     caption_column: str = "caption"
     score_column: str = "aesthetic_score"
@@ -100,58 +101,34 @@ def check_config(cfg: TrainConfig) -> None:
 
 def build_models(cfg: TrainConfig) -> MeissonicPipeline:
     """The pipeline whose transformer is trained: loaded, or with a new transformer from a preset."""
-    from ..presets import build_pipeline, get_preset
+    from ..presets import build_pipeline, get_preset, seeded_init
     from ..transformer import MeissonicTransformer
 
-    if cfg.model is None:
-        return build_pipeline(cfg.preset, seed=cfg.seed)
-    pipe = MeissonicPipeline.from_pretrained(cfg.model)
-    if cfg.preset is not None:
-        preset = get_preset(cfg.preset)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            pipe.transformer = MeissonicTransformer(**preset.transformer)
-        pipe.defaults = {"resolution": preset.resolution, "steps": preset.steps}
+    from diffusers import VQModel
+
     from ..pipeline import check_components
 
-    check_components(pipe)
+    if cfg.model is None:
+        pipe = build_pipeline(cfg.preset, seed=cfg.seed)
+    else:
+        pipe = MeissonicPipeline.from_pretrained(cfg.model)
+        if cfg.preset is not None:
+            preset = get_preset(cfg.preset)
+            with seeded_init(cfg.seed):
+                pipe.transformer = MeissonicTransformer(**preset.transformer)
+            pipe.defaults = {"resolution": preset.resolution, "steps": preset.steps}
+    if cfg.vqvae is not None:
+        folder = Path(cfg.vqvae)
+        folder = folder / "vqvae" if (folder / "vqvae").is_dir() else folder
+        try:
+            pipe.vqvae = VQModel.from_pretrained(folder, use_safetensors=True)
+        except Exception as err:  # a library error for a malformed folder: one line
+            raise TrainingError(f"--vqvae {cfg.vqvae!r}: cannot load a VQModel ({err})") from None
+    try:
+        check_components(pipe)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
     return pipe
-
-
-class SampleOrder:
-    """Deterministic micro-batches: position k of rank r takes samples of a seeded permutation per epoch."""
-
-    def __init__(self, size: int, batch: int, seed: int, rank: int, world: int):
-        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.size, generator=gen))
-        return self._perm[1]
-
-    def __call__(self, micro_step: int) -> tuple[list[int], float]:
-        """Dataset indices of this rank's micro-batch, and the epoch reached (fractional)."""
-        start = (micro_step * self.world + self.rank) * self.batch
-        positions = range(start, start + self.batch)
-        return [int(self._order(p // self.size)[p % self.size]) for p in positions], start / self.size
-
-
-def load_images(dataset, indices: list[int], resolution: int, gen: torch.Generator, center: bool):
-    """pixels (B, 3, R, R), micro-conditions (B, 5), captions."""
-    pixels, micro, captions = [], [], []
-    for index in indices:
-        sample = dataset[index]
-        image, cond = prepare_image(sample.image, resolution, gen, center=center)
-        pixels.append(image)
-        micro.append(torch.cat([cond, torch.tensor([sample.score])]))
-        captions.append(sample.caption)
-    return torch.stack(pixels), torch.stack(micro), captions
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 4099 + rank)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -177,9 +154,12 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.lora_rank:
         from peft import LoraConfig
 
+        from ..presets import seeded_init
+
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                           target_modules=cfg.lora_targets, init_lora_weights="gaussian"))
+        with seeded_init(cfg.seed):
+            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                               target_modules=cfg.lora_targets, init_lora_weights="gaussian"))
     trains_text = cfg.train_text_encoder
     if trains_text:
         text_encoder.requires_grad_(True).train()
@@ -189,7 +169,7 @@ def train(cfg: TrainConfig) -> Path:
             text_encoder.gradient_checkpointing_enable()
     params = [p for p in transformer.parameters() if p.requires_grad]
     text_params = [p for p in text_encoder.parameters() if p.requires_grad] if trains_text else []
-    optimizer = _optimizer(cfg, params + text_params)
+    optimizer = adamw(params + text_params, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam, cfg.adam_betas)
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.max_steps)
     ema = None
@@ -215,7 +195,7 @@ def train(cfg: TrainConfig) -> Path:
     metrics_path = cfg.out / "metrics.jsonl"
     if accelerator.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step)
         (cfg.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenize(tokenizer, captions).to(device)
@@ -278,8 +258,7 @@ def train(cfg: TrainConfig) -> Path:
             record = {"step": done, "loss": loss_mean, "lr": schedule.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "samples_per_s": rate, "epoch": epoch,
                       "processes": accelerator.num_processes}
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -314,15 +293,15 @@ def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_e
         raise TrainingError(str(err)) from None
 
 
-def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    if cfg.use_8bit_adam:
+def adamw(params, lr: float, weight_decay: float, eight_bit: bool = False, betas=(0.9, 0.999)):
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked (and installed)."""
+    if eight_bit:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def _trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
@@ -361,14 +340,6 @@ def _load_checkpoint(path: Path, cfg, transformer, text_encoder, optimizer, sche
     if ema is not None and (path / "ema.pt").is_file():
         ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
     return int(state["step"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they are logged again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 class _EmaWeights:

@@ -1,0 +1,253 @@
+"""`meissonic train-vq`: train a diffusers `VQModel` image tokenizer, as Meissonic's (f=16) or smaller.
+
+Loss: L1 + L2 reconstruction, plus the quantizer's codebook and commitment terms (`commit_loss` of the diffusers
+`VectorQuantizer`), plus, when asked, a hinge-loss patch discriminator after `disc_start` steps. Codes unused for
+`reset_dead_every` steps are re-seeded from encoder outputs of the current batch (our addition: small data sets
+otherwise leave most of the codebook dead). No perceptual (LPIPS) loss: its weights cannot be downloaded here.
+Same determinism, checkpoints and resume as `meissonic train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpoint import read_state, resolve_resume, save_checkpoint
+from .data import SampleOrder, load_images, open_dataset, step_generator
+from .checkpoint import append_metrics, truncate_metrics
+from .train import TrainingError, adamw
+
+
+@dataclass
+class VQTrainConfig:
+    data: str
+    out: Path
+    model: str | None = None  # a VQModel folder, or a pipeline folder (its vqvae/), to fine-tune
+    preset: str | None = None  # a new VQModel with this preset's tokenizer architecture
+    image_column: str = "image"
+    caption_column: str = "caption"
+    resolution: int = 256
+    batch_size: int = 8
+    max_steps: int = 2000
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    disc_weight: float = 0.0  # > 0: add a patch discriminator
+    disc_start: int = 0
+    reset_dead_every: int = 0  # > 0: re-seed codes unused over this many steps
+    seed: int = 0
+    center_crop: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int | None = 3
+    resume: str | None = None
+    log_every: int = 10
+    progress: bool = True
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (Isola et al. 2017): strided 4x4 convs to a map of real/fake logits."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for _ in range(1, layers):
+            blocks += [nn.Conv2d(width, width * 2, 4, 2, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
+            width *= 2
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2 - 1)
+
+
+def build_vqvae(cfg: VQTrainConfig):
+    from diffusers import VQModel
+
+    from ..presets import get_preset, seeded_init
+
+    if (cfg.model is None) == (cfg.preset is None):
+        raise TrainingError("give --model (a VQ or pipeline folder to fine-tune) or --preset (a new tokenizer)")
+    if cfg.preset is not None:
+        with seeded_init(cfg.seed):
+            return VQModel(**get_preset(cfg.preset).vqvae)
+    folder = Path(cfg.model)
+    if (folder / "vqvae").is_dir():
+        folder = folder / "vqvae"
+    try:
+        return VQModel.from_pretrained(folder, use_safetensors=True)
+    except Exception as err:  # a library error for a malformed folder: one line
+        raise TrainingError(f"cannot load a VQModel from {str(folder)!r}: {err}") from None
+
+
+def codebook_stats(indices: torch.Tensor, size: int) -> dict:
+    """Share of the codebook used and the perplexity of code usage over `indices`."""
+    counts = torch.bincount(indices.flatten(), minlength=size).float()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {"codebook_usage": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item()}
+
+
+def vq_forward(vqvae, images: torch.Tensor):
+    """Encode, quantize, decode: (reconstruction, quantizer loss, code indices (B*h*w,), pre-quant latents)."""
+    latents = vqvae.encode(images).latents  # (B, C, h, w) after quant_conv
+    quantized, commit, (_, _, indices) = vqvae.quantize(latents)  # straight-through gradient to the encoder
+    # `decode(force_not_quantize=True)` would read its input as code ids (lookup_from_codebook): run its layers.
+    spatial = quantized if vqvae.config.norm_type == "spatial" else None
+    reconstruction = vqvae.decoder(vqvae.post_quant_conv(quantized), spatial)
+    return reconstruction, commit, indices, latents
+
+
+def train_vq(cfg: VQTrainConfig) -> Path:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from tqdm.auto import tqdm
+
+    from ..presets import seeded_init
+
+    for name in ("resolution", "batch_size", "max_steps", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.resolution % 16:
+        raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    dataset = open_dataset(cfg.data, cfg.image_column, cfg.caption_column, None)
+    vqvae = build_vqvae(cfg).train()
+    factor = 2 ** (len(vqvae.config.block_out_channels) - 1)
+    if cfg.resolution % factor:
+        raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of the tokenizer's factor {factor}")
+    codebook = vqvae.config.num_vq_embeddings
+    with seeded_init(cfg.seed + 1):
+        disc = PatchDiscriminator() if cfg.disc_weight else None
+    optimizer = adamw(vqvae.parameters(), cfg.learning_rate, cfg.weight_decay)
+    disc_optimizer = adamw(disc.parameters(), cfg.learning_rate, 0.0) if disc else None
+    usage = torch.zeros(codebook)
+    start = 0
+    checkpoints = cfg.out / "checkpoints"
+    resume = resolve_resume(cfg.resume, checkpoints) if cfg.resume else None
+    if resume is not None:
+        start = int(read_state(resume)["step"])
+        vqvae.load_state_dict(load_file(resume / "vqvae.safetensors"))
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+        usage = load_file(resume / "usage.safetensors")["usage"]
+        if disc is not None:
+            disc.load_state_dict(load_file(resume / "discriminator.safetensors"))
+            disc_optimizer.load_state_dict(torch.load(resume / "disc_optimizer.pt", weights_only=True))
+    vqvae, optimizer = accelerator.prepare(vqvae, optimizer)
+    if disc is not None:
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    model = accelerator.unwrap_model(vqvae)
+    device = accelerator.device
+    order = SampleOrder(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index,
+                        accelerator.num_processes)
+    metrics_path = cfg.out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, start)
+        (cfg.out / "train_vq_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
+               desc="train-vq", unit="step")
+    for step in range(start, cfg.max_steps):
+        began = time.perf_counter()
+        gen = step_generator(cfg.seed, step, 0, accelerator.process_index)
+        indices_batch, epoch = order(step)
+        images = load_images(dataset, indices_batch, cfg.resolution, gen, cfg.center_crop)[0].to(device)
+        with accelerator.autocast():
+            recon, commit, codes, latents = vq_forward(model, images)
+            recon = recon.float()
+            l1, l2 = (recon - images).abs().mean(), F.mse_loss(recon, images)
+            loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + commit.float()
+            gan = torch.zeros((), device=device)
+            if disc is not None and step >= cfg.disc_start:
+                gan = -disc(recon).mean()
+                loss = loss + cfg.disc_weight * gan
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"loss became {loss.item()} at step {step + 1}; the last good checkpoint is kept in "
+                                f"{checkpoints}")
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vqvae.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        disc_loss = 0.0
+        if disc is not None and step >= cfg.disc_start:
+            with accelerator.autocast():
+                d = F.relu(1 - disc(images)).mean() + F.relu(1 + disc(recon.detach())).mean()
+            accelerator.backward(d)
+            disc_optimizer.step()
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss = d.item()
+        usage += torch.bincount(codes.flatten().cpu(), minlength=codebook).float()
+        done = step + 1
+        if cfg.reset_dead_every and done % cfg.reset_dead_every == 0:
+            _reset_dead_codes(model, usage, latents.detach(), gen)
+            usage.zero_()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{l2.item():.5f}")
+        if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            record = {"step": done, "loss": loss.item(), "l1": l1.item(), "mse": l2.item(),
+                      "psnr": (-10 * torch.log10(l2.detach().clamp(min=1e-10))).item(), "commit": commit.item(),
+                      "gan": gan.item(), "disc": disc_loss, "epoch": epoch, "lr": cfg.learning_rate,
+                      "samples_per_s": cfg.batch_size * accelerator.num_processes / (time.perf_counter() - began),
+                      **codebook_stats(codes.cpu(), codebook)}
+            append_metrics(metrics_path, record)
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                unwrapped_disc = accelerator.unwrap_model(disc) if disc is not None else None
+                save_checkpoint(checkpoints, done, lambda folder: _write(folder, model, optimizer, usage,
+                                                                         unwrapped_disc, disc_optimizer),
+                                {"seed": cfg.seed}, cfg.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.save_pretrained(cfg.out / "vqvae")
+        report = evaluate_vq(model.eval(), dataset, cfg.resolution, device)
+        (cfg.out / "vq_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    accelerator.end_training()
+    return cfg.out
+
+
+def _write(folder: Path, model, optimizer, usage, disc, disc_optimizer) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "vqvae.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    save_file({"usage": usage}, folder / "usage.safetensors")
+    if disc is not None:
+        save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, folder / "discriminator.safetensors")
+        torch.save(disc_optimizer.state_dict(), folder / "disc_optimizer.pt")
+
+
+@torch.no_grad()
+def _reset_dead_codes(model, usage: torch.Tensor, latents: torch.Tensor, gen: torch.Generator) -> None:
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, C) encoder outputs
+    picks = torch.randint(0, len(vectors), (len(dead),), generator=gen)
+    model.quantize.embedding.weight[dead.to(vectors.device)] = vectors[picks.to(vectors.device)].float()
+
+
+@torch.no_grad()
+def evaluate_vq(model, dataset, resolution: int, device, limit: int = 256, batch: int = 16) -> dict:
+    """Reconstruction error and codebook use over (up to `limit`) samples, center-cropped."""
+    n = min(len(dataset), limit)
+    errors, codes = [], []
+    for start in range(0, n, batch):
+        images = load_images(dataset, list(range(start, min(start + batch, n))), resolution, None, True)[0]
+        recon, _, indices, _ = vq_forward(model, images.to(device))
+        errors.append(((recon.float().clamp(0, 1) - images.to(device)) ** 2).mean(dim=(1, 2, 3)).cpu())
+        codes.append(indices.cpu())
+    mse = torch.cat(errors).mean().item()
+    return {"samples": n, "mse": mse, "psnr": -10 * math.log10(max(mse, 1e-10)),
+            **codebook_stats(torch.cat(codes), model.config.num_vq_embeddings)}

@@ -1,0 +1,67 @@
+"""`meissonic train-vq`: reconstruction improves, codebook statistics, exact resume, fine-tuning, bad input."""
+
+import json
+
+import pytest
+import torch
+from diffusers import VQModel
+
+from conftest import FIXTURES
+from meissonic.cli import main
+from meissonic.training.data import open_dataset
+from meissonic.training.train import TrainingError
+from meissonic.training.vq_train import VQTrainConfig, codebook_stats, evaluate_vq, train_vq
+from test_training import parquet  # noqa: F401  (the shared data fixture)
+
+
+def config(data, out, **kw):
+    base = dict(data=str(data), out=out, preset="tiny", resolution=64, batch_size=4, max_steps=40,
+                learning_rate=1e-3, log_every=1, checkpoint_every=20, progress=False)
+    base.update(kw)
+    return VQTrainConfig(**base)
+
+
+def test_training_reduces_reconstruction_error(parquet, tmp_path):  # noqa: F811
+    out = tmp_path / "vq"
+    train_vq(config(parquet, out, reset_dead_every=10, disc_weight=0.1, disc_start=20))
+    dataset = open_dataset(parquet)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        untrained = VQModel(**json.loads((out / "vqvae" / "config.json").read_text()))
+    before = evaluate_vq(untrained.eval(), dataset, 64, torch.device("cpu"))
+    after = json.loads((out / "vq_report.json").read_text())
+    assert after["mse"] < 0.5 * before["mse"]
+    assert 0 < after["codebook_usage"] <= 1 and after["perplexity"] >= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["disc"] > 0 and {"mse", "psnr", "codebook_usage", "commit"} <= set(records[0])
+    VQModel.from_pretrained(out / "vqvae")
+
+
+def test_codebook_stats():
+    stats = codebook_stats(torch.tensor([0, 0, 1, 1]), 4)
+    assert stats["codebook_usage"] == 0.5 and abs(stats["perplexity"] - 2.0) < 1e-6
+
+
+def test_resume_repeats_the_uninterrupted_run(parquet, tmp_path):  # noqa: F811
+    kw = dict(max_steps=6, checkpoint_every=3, disc_weight=0.1, disc_start=2, reset_dead_every=2)
+    train_vq(config(parquet, tmp_path / "a", **kw))
+    train_vq(config(parquet, tmp_path / "b", **dict(kw, max_steps=3)))
+    train_vq(config(parquet, tmp_path / "b", resume="latest", **kw))
+    read = lambda p: [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "a") == read(tmp_path / "b")
+
+
+def test_fine_tunes_a_pipeline_folders_tokenizer(parquet, tmp_path):  # noqa: F811
+    out = tmp_path / "ft"
+    train_vq(config(parquet, out, preset=None, model=str(FIXTURES / "reference-pipeline" / "ds"), max_steps=2))
+    assert VQModel.from_pretrained(out / "vqvae").config.num_vq_embeddings == 100
+
+
+def test_bad_options(capsys, parquet, tmp_path):  # noqa: F811
+    with pytest.raises(TrainingError, match="give --model"):
+        train_vq(config(parquet, tmp_path / "x", preset=None))
+    code = main(["train-vq", "--data", str(parquet), "--out", str(tmp_path / "y"), "--preset", "tiny",
+                 "--resolution", "40"])
+    assert code == 2 and "--resolution 40: must be a multiple of 16" in capsys.readouterr().err
+    code = main(["train-vq", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "z"), "--preset", "tiny"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
