@@ -188,7 +188,11 @@ def test_resume_repeats_the_uninterrupted_run(parquet, tmp_path):
 
 def test_lora_trains_only_adapter_weights(parquet, tiny_folder, tmp_path):
     out = tmp_path / "lora"
-    train(config(parquet, out, preset=None, model=str(tiny_folder), lora_rank=4, max_steps=4, learning_rate=1e-2))
+    train(config(parquet, out, preset=None, model=str(tiny_folder), lora_rank=4, text_encoder_lora_rank=2,
+                 max_steps=4, learning_rate=1e-2))
+    text_saved = load_file(out / "checkpoints" / "checkpoint-3" / "text_encoder.safetensors")
+    assert text_saved and all("lora_A" in k or "lora_B" in k for k in text_saved)
+    assert (out / "lora" / "text_encoder_lora" / "adapter_config.json").is_file()
     saved = load_file(out / "checkpoints" / "checkpoint-3" / "transformer.safetensors")
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved)
     adapter = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
@@ -196,6 +200,7 @@ def test_lora_trains_only_adapter_weights(parquet, tiny_folder, tmp_path):
     base = MeissonicPipeline.from_pretrained(tiny_folder)
     before = {k: v.clone() for k, v in base.transformer.state_dict().items()}
     pooled, hidden = base.encode_prompt(["a red circle"])
+    plain_text = base.encode_prompt(["a red circle"])[0]
     inputs = dict(hidden_states=torch.full((1, 4, 4), 64), encoder_hidden_states=hidden, pooled_projections=pooled,
                   micro_conds=torch.tensor([[64.0, 64, 0, 0, 6]]), timestep=torch.tensor([1.0]))
     with torch.no_grad():
@@ -203,6 +208,7 @@ def test_lora_trains_only_adapter_weights(parquet, tiny_folder, tmp_path):
         base.load_lora(out / "lora")
         with_lora = base.transformer(**inputs)
     assert (plain - with_lora).abs().max() > 1e-3
+    assert (base.encode_prompt(["a red circle"])[0] - plain_text).abs().max() > 1e-4  # text adapter loaded too
     base.transformer.disable_lora()
     after = {k.replace(".base_layer", ""): v for k, v in base.transformer.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -138,8 +138,13 @@ class MeissonicPipeline(DiffusionPipeline):
             path, prefix=None, adapter_name=adapter_name, weight_name="pytorch_lora_weights.safetensors"
         )
         self.transformer.set_adapters([adapter_name], weights=[scale])
+        if (path / "text_encoder_lora" / "adapter_config.json").is_file():  # the run also had text-encoder LoRA
+            from peft import PeftModel
+
+            wrapped = PeftModel.from_pretrained(self.text_encoder, str(path / "text_encoder_lora"))
+            self.text_encoder = wrapped.merge_and_unload()  # merged at full strength
         text_encoder = path / "text_encoder"
-        if text_encoder.is_dir():  # the run also trained the text encoder
+        if text_encoder.is_dir():  # the run also trained the whole text encoder
             self.text_encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder).to(
                 self.text_encoder.device, self.text_encoder.dtype)
 

@@ -55,6 +55,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     train_text_encoder: bool = False
+    text_encoder_lora_rank: int = 0  # > 0 (with lora_rank): LoRA adapters on the text encoder too
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, used for validation and the final model
     seed: int = 0
@@ -93,8 +94,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--ema-decay {cfg.ema_decay}: must lie in [0, 1)")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
-    if cfg.cache is not None and cfg.train_text_encoder:
+    if cfg.cache is not None and (cfg.train_text_encoder or cfg.text_encoder_lora_rank):
         raise TrainingError("--cache stores frozen text embeddings: it cannot be used with --train-text-encoder")
+    if cfg.text_encoder_lora_rank and not cfg.lora_rank:
+        raise TrainingError("--text-encoder-lora-rank goes with --lora-rank (a LoRA run)")
+    if cfg.text_encoder_lora_rank and cfg.train_text_encoder:
+        raise TrainingError("choose --train-text-encoder (full) or --text-encoder-lora-rank, not both")
     if cfg.keep_checkpoints is not None and cfg.keep_checkpoints < 1:
         raise TrainingError(f"--keep-checkpoints {cfg.keep_checkpoints}: must be at least 1")
 
@@ -160,8 +165,18 @@ def train(cfg: TrainConfig) -> Path:
         with seeded_init(cfg.seed):
             transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                                                target_modules=cfg.lora_targets, init_lora_weights="gaussian"))
-    trains_text = cfg.train_text_encoder
-    if trains_text:
+    trains_text = cfg.train_text_encoder or cfg.text_encoder_lora_rank > 0
+    if cfg.text_encoder_lora_rank:  # peft's own wrapper: transformers' adapter API needs a newer peft
+        from peft import LoraConfig, get_peft_model
+
+        from ..presets import seeded_init
+
+        with seeded_init(cfg.seed + 1):
+            text_encoder = get_peft_model(text_encoder, LoraConfig(
+                r=cfg.text_encoder_lora_rank, lora_alpha=cfg.text_encoder_lora_rank, init_lora_weights="gaussian",
+                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        text_encoder.train()
+    elif trains_text:
         text_encoder.requires_grad_(True).train()
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -273,7 +288,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(pipe, model, params, ema, cfg, trains_text)
+        _save_final(pipe, model, accelerator.unwrap_model(text_encoder), params, ema, cfg, trains_text)
     accelerator.end_training()
     return cfg.out
 
@@ -316,8 +331,8 @@ def _write_checkpoint(folder: Path, cfg, model, text_encoder, optimizer, schedul
     save_file({k: v.detach().contiguous() for k, v in _trainable_state(model, bool(cfg.lora_rank)).items()},
               folder / "transformer.safetensors")
     if text_encoder is not None:
-        save_file({k: v.detach().contiguous() for k, v in text_encoder.state_dict().items()},
-                  folder / "text_encoder.safetensors")
+        state = _trainable_state(text_encoder, bool(cfg.text_encoder_lora_rank))
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "text_encoder.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(schedule.state_dict(), folder / "lr_scheduler.pt")
     if ema is not None:
@@ -334,7 +349,13 @@ def _load_checkpoint(path: Path, cfg, transformer, text_encoder, optimizer, sche
     else:
         transformer.load_state_dict(weights)
     if (path / "text_encoder.safetensors").is_file():
-        text_encoder.load_state_dict(load_file(path / "text_encoder.safetensors"))
+        text_weights = load_file(path / "text_encoder.safetensors")
+        if cfg.text_encoder_lora_rank:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(text_encoder, text_weights)
+        else:
+            text_encoder.load_state_dict(text_weights)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     schedule.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if ema is not None and (path / "ema.pt").is_file():
@@ -379,7 +400,8 @@ def _validate(pipe: MeissonicPipeline, model, params, ema, cfg: TrainConfig, ste
     return path
 
 
-def _save_final(pipe: MeissonicPipeline, model, params, ema, cfg: TrainConfig, trains_text: bool) -> None:
+def _save_final(pipe: MeissonicPipeline, model, text_encoder, params, ema, cfg: TrainConfig,
+                trains_text: bool) -> None:
     with _EmaWeights(ema, params):
         if cfg.lora_rank:
             model.save_lora_adapter(cfg.out / "lora")
@@ -387,5 +409,7 @@ def _save_final(pipe: MeissonicPipeline, model, params, ema, cfg: TrainConfig, t
         else:
             pipe.transformer = model
             pipe.save_pretrained(cfg.out)
-    if cfg.lora_rank and trains_text:  # a LoRA run that also trained the text encoder: keep it beside the adapter
+    if cfg.text_encoder_lora_rank:  # the peft-wrapped encoder writes only its adapter
+        text_encoder.save_pretrained(cfg.out / "lora" / "text_encoder_lora")
+    elif cfg.lora_rank and trains_text:  # a LoRA run that also trained the whole text encoder: keep it beside
         pipe.text_encoder.save_pretrained(cfg.out / "lora" / "text_encoder")
