@@ -144,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--log-every", type=int, default=10)
     tv.set_defaults(run=train_vq_command)
 
+    data = verbs.add_parser("data", help="make training data")
+    kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")
+    shapes = kinds.add_parser("shapes", help="captioned images of plain shapes (parquet, the training format)")
+    shapes.add_argument("--num", type=int, required=True, help="number of images")
+    shapes.add_argument("--out", type=Path, required=True, help="a .parquet file, or a folder for shapes.parquet")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--size", type=int, default=256, help="image side in pixels")
+    shapes.add_argument("--held-out", action="store_true", help="only scenes with held-out colour-shape pairs")
+    shapes.set_defaults(run=data_shapes)
+
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
     init.add_argument("--preset", required=True, help=f"architecture: {', '.join(_preset_names())}")
     init.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -389,6 +399,14 @@ def train_vq_command(args: argparse.Namespace) -> int:
     print(f"done: {out / 'vqvae'}: reconstruction MSE {report['mse']:.5f} (PSNR {report['psnr']:.2f} dB), "
           f"codebook usage {report['codebook_usage']:.1%}, perplexity {report['perplexity']:.1f} "
           f"over {report['samples']} samples")
+    return 0
+
+
+def data_shapes(args: argparse.Namespace) -> int:
+    from .shapes import write_shapes
+
+    path = write_shapes(args.out, args.num, seed=args.seed, side=args.size, held_out=args.held_out)
+    print(f"wrote {path} ({args.num} images, {args.size}x{args.size})")
     return 0
 
 

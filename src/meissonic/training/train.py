@@ -276,10 +276,12 @@ def train(cfg: TrainConfig) -> Path:
             append_metrics(metrics_path, record)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             accelerator.wait_for_everyone()
+            # every rank takes part in gathering the weights (needed when FSDP shards them); rank 0 writes
+            weights = _trainable_state(model, True) if cfg.lora_rank else accelerator.get_state_dict(transformer)
             if accelerator.is_main_process:
                 unwrapped_text = accelerator.unwrap_model(text_encoder) if trains_text else None
                 save_checkpoint(checkpoints, done,
-                                lambda folder: _write_checkpoint(folder, cfg, model, unwrapped_text, optimizer,
+                                lambda folder: _write_checkpoint(folder, cfg, weights, unwrapped_text, optimizer,
                                                                  schedule, ema),
                                 {"seed": cfg.seed, "max_steps": cfg.max_steps}, cfg.keep_checkpoints)
         if cfg.validation_every and cfg.validation_prompts and done % cfg.validation_every == 0:
@@ -327,9 +329,8 @@ def _trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tens
     return model.state_dict()
 
 
-def _write_checkpoint(folder: Path, cfg, model, text_encoder, optimizer, schedule, ema) -> None:
-    save_file({k: v.detach().contiguous() for k, v in _trainable_state(model, bool(cfg.lora_rank)).items()},
-              folder / "transformer.safetensors")
+def _write_checkpoint(folder: Path, cfg, weights: dict, text_encoder, optimizer, schedule, ema) -> None:
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, folder / "transformer.safetensors")
     if text_encoder is not None:
         state = _trainable_state(text_encoder, bool(cfg.text_encoder_lora_rank))
         save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "text_encoder.safetensors")

@@ -1,0 +1,67 @@
+"""The procedural shapes data set: captions match scenes, held-out pairs stay out of training, files are safe."""
+
+import io
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from meissonic.cli import main
+from meissonic.shapes import BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, random_scene, render, write_shapes
+
+
+def test_scenes_cover_the_vocabulary_and_respect_the_rules():
+    rng = random.Random(0)
+    scenes = [random_scene(rng) for _ in range(2000)]
+    seen_colours = {o.colour for s in scenes for o in s.objects}
+    seen_shapes = {o.shape for s in scenes for o in s.objects}
+    assert seen_colours == set(COLOURS) and seen_shapes == set(SHAPES)
+    assert {len(s.objects) for s in scenes} == {1, 2}
+    assert {s.background for s in scenes} == set(BACKGROUNDS)
+    for scene in scenes:
+        assert all((o.colour, o.shape) not in HELD_OUT for o in scene.objects)
+        assert scene.background not in {o.colour for o in scene.objects}
+    held = [random_scene(rng, held_out=True) for _ in range(200)]
+    assert all((h.objects[0].colour, h.objects[0].shape) in HELD_OUT for h in held)
+
+
+def test_captions_name_every_object_in_order():
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = random_scene(rng)
+        caption = scene.caption()
+        assert caption.endswith(f", on a {scene.background} background")
+        positions = [caption.index(o.phrase()) for o in scene.objects]
+        assert positions == sorted(positions)
+        if scene.relation:
+            assert f" {scene.relation} " in caption
+
+
+def test_render_puts_the_object_colour_where_the_caption_says():
+    rng = random.Random(5)
+    for _ in range(50):
+        scene = random_scene(rng)
+        image = np.asarray(render(scene, 128)).astype(int)
+        for obj in scene.objects:
+            x, y = {"left": (32, 64), "right": (96, 64), "top": (64, 32), "bottom": (64, 96), "center": (64, 64)}[
+                obj.position]
+            assert np.abs(image[y, x] - COLOURS[obj.colour]).max() < 40, (scene.caption(), obj)
+
+
+def test_write_and_command(tmp_path, capsys):
+    path = write_shapes(tmp_path / "d", 12, seed=1, side=64)
+    table = pq.read_table(path)
+    assert table.num_rows == 12 and set(table.column_names) >= {"image", "caption", "scene", "split"}
+    image = Image.open(io.BytesIO(table["image"][0].as_py()["bytes"]))
+    assert image.size == (64, 64)
+    scene = json.loads(table["scene"][0].as_py())
+    assert scene["objects"] and table["caption"][0].as_py().startswith("a ")
+    with pytest.raises(ValueError, match="exists"):
+        write_shapes(path, 3)
+    assert main(["data", "shapes", "--num", "4", "--out", str(tmp_path / "x.parquet"), "--held-out"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["data", "shapes", "--num", "0", "--out", str(tmp_path / "y.parquet")]) == 2
+    assert "--num 0" in capsys.readouterr().err
