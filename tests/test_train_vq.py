@@ -57,6 +57,16 @@ def test_fine_tunes_a_pipeline_folders_tokenizer(parquet, tmp_path):  # noqa: F8
     assert VQModel.from_pretrained(out / "vqvae").config.num_vq_embeddings == 100
 
 
+def test_images_without_captions_are_enough(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    train_vq(config(tmp_path / "imgs", tmp_path / "out", max_steps=2, batch_size=2))
+    assert (tmp_path / "out" / "vqvae" / "config.json").is_file()
+
+
 def test_bad_options(capsys, parquet, tmp_path):  # noqa: F811
     with pytest.raises(TrainingError, match="give --model"):
         train_vq(config(parquet, tmp_path / "x", preset=None))

@@ -370,31 +370,25 @@ def bench_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- train
 
 
+def _config(cls, args: argparse.Namespace):
+    """The run config from the parsed options of the same names."""
+    return cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__})
+
+
 def train_command(args: argparse.Namespace) -> int:
-    from .training.data import DataError
     from .training.train import TrainConfig, train
 
-    fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
-        out = train(cfg)
-    except DataError as err:
-        raise UsageError(f"training data: {err}") from None
+    cfg = _config(TrainConfig, args)
+    out = train(cfg)
     target = f"--model {cfg.model or 'BASE'} --lora {out / 'lora'}" if cfg.lora_rank else f"--model {out}"
     print(f"done: {out} (generate with {target})")
     return 0
 
 
 def train_vq_command(args: argparse.Namespace) -> int:
-    from .training.data import DataError
     from .training.vq_train import VQTrainConfig, train_vq
 
-    fields = VQTrainConfig.__dataclass_fields__
-    cfg = VQTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
-        out = train_vq(cfg)
-    except DataError as err:
-        raise UsageError(f"training data: {err}") from None
+    out = train_vq(_config(VQTrainConfig, args))
     report = json.loads((out / "vq_report.json").read_text())
     print(f"done: {out / 'vqvae'}: reconstruction MSE {report['mse']:.5f} (PSNR {report['psnr']:.2f} dB), "
           f"codebook usage {report['codebook_usage']:.1%}, perplexity {report['perplexity']:.1f} "

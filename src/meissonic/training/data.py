@@ -33,9 +33,11 @@ class Sample:
     score: float
 
 
-def open_dataset(source: str | Path, image_column: str = "image", caption_column: str = "caption",
+def open_dataset(source: str | Path, image_column: str = "image", caption_column: str | None = "caption",
                  score_column: str | None = "aesthetic_score"):
-    """Pick the reader for `source`: parquet file/folder/glob, `save_to_disk` folder, or image folder."""
+    """Pick the reader for `source`: parquet file/folder/glob, `save_to_disk` folder, or image folder.
+
+    `caption_column=None` reads images only (captions are then empty), as tokenizer training does."""
     text = str(source)
     path = Path(text).expanduser()
     if any(ch in text for ch in "*?["):
@@ -52,7 +54,7 @@ def open_dataset(source: str | Path, image_column: str = "image", caption_column
     parquet = sorted(path.rglob("*.parquet"))
     if parquet:
         return TableDataset(parquet, image_column, caption_column, score_column)
-    return ImageFolder(path)
+    return ImageFolder(path, captions=caption_column is not None)
 
 
 def _saved_dataset_files(path: Path) -> list[Path]:
@@ -73,7 +75,7 @@ class TableDataset:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.columns = (image_column, caption_column)
+        self.columns = (image_column,) + ((caption_column,) if caption_column else ())
         self.parts: list[tuple] = []  # (reader kind, file, row group or table, rows)
         has_score = bool(score_column)
         for file in files:
@@ -113,7 +115,8 @@ class TableDataset:
         if data is None and isinstance(raw, dict) and raw.get("path"):
             data = Path(raw["path"]).read_bytes()
         score = record.get(self.score_column) if self.score_column else None
-        return Sample(decode_image(data, f"{file}#{row}"), str(record[self.columns[1]] or ""),
+        caption = str(record[self.columns[1]] or "") if len(self.columns) > 1 else ""
+        return Sample(decode_image(data, f"{file}#{row}"), caption,
                       DEFAULT_SCORE if score is None else float(score))
 
 
@@ -127,12 +130,13 @@ def _row_group(file: Path, group: int, columns: tuple[str, ...]):
 class ImageFolder:
     """Images with a caption file of the same name beside each (`cat.png` + `cat.txt`), found recursively."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, captions: bool = True):
         self.images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.images:
             raise DataError(f"{str(root)!r} holds no parquet, arrow or image files")
         missing = [p for p in self.images if not p.with_suffix(".txt").is_file()]
-        if missing:
+        self.captions = captions
+        if missing and captions:
             raise DataError(f"{len(missing)} image(s) have no caption .txt beside them, e.g. {str(missing[0])!r}")
 
     def __len__(self) -> int:
@@ -140,7 +144,7 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> Sample:
         path = self.images[index]
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip() if self.captions else ""
         return Sample(decode_image(path.read_bytes(), str(path)), caption, DEFAULT_SCORE)
 
 

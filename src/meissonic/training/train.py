@@ -28,14 +28,30 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """Settings every training run shares: data, output, seed, crops, checkpoints, logging."""
+
     data: str
     out: Path
-    model: str | None = None  # pipeline folder: its transformer is fine-tuned, or its VQ/text encoder reused
-    preset: str | None = None  # a new transformer of this architecture (random init)
-    vqvae: str | None = None  # a tokenizer folder (e.g. `train-vq` output) replacing the pipeline's
+    model: str | None = None
+    preset: str | None = None
     image_column: str = "image"
     caption_column: str = "caption"
+    seed: int = 0
+    center_crop: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int | None = 3
+    resume: str | None = None
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`meissonic train`: `model` is a pipeline folder whose transformer is fine-tuned (or whose VQ/text encoder is
+    reused with a new `preset` transformer)."""
+
+    vqvae: str | None = None  # a tokenizer folder (e.g. `train-vq` output) replacing the pipeline's
     score_column: str = "aesthetic_score"
     resolution: int = 256
     batch_size: int = 4
@@ -58,16 +74,9 @@ class TrainConfig:
     text_encoder_lora_rank: int = 0  # > 0 (with lora_rank): LoRA adapters on the text encoder too
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, used for validation and the final model
-    seed: int = 0
-    center_crop: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int | None = 3
-    resume: str | None = None
-    log_every: int = 10
     validation_every: int = 0
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 16
-    progress: bool = True
     cache: Path | None = None  # pre-encoded tokens and text embeddings (built on first use)
 
 

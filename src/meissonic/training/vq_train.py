@@ -23,17 +23,14 @@ from torch import nn
 from .checkpoint import read_state, resolve_resume, save_checkpoint
 from .data import SampleOrder, load_images, open_dataset, step_generator
 from .checkpoint import append_metrics, truncate_metrics
-from .train import TrainingError, adamw
+from .train import RunConfig, TrainingError, adamw
 
 
 @dataclass
-class VQTrainConfig:
-    data: str
-    out: Path
-    model: str | None = None  # a VQModel folder, or a pipeline folder (its vqvae/), to fine-tune
-    preset: str | None = None  # a new VQModel with this preset's tokenizer architecture
-    image_column: str = "image"
-    caption_column: str = "caption"
+class VQTrainConfig(RunConfig):
+    """`meissonic train-vq`: `model` is a VQModel folder, or a pipeline folder (its vqvae/), to fine-tune;
+    `preset` makes a new VQModel of that preset's tokenizer architecture."""
+
     resolution: int = 256
     batch_size: int = 8
     max_steps: int = 2000
@@ -46,13 +43,6 @@ class VQTrainConfig:
     disc_weight: float = 0.0  # > 0: add a patch discriminator
     disc_start: int = 0
     reset_dead_every: int = 0  # > 0: re-seed codes unused over this many steps
-    seed: int = 0
-    center_crop: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int | None = 3
-    resume: str | None = None
-    log_every: int = 10
-    progress: bool = True
 
 
 class PatchDiscriminator(nn.Module):
@@ -123,7 +113,7 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    dataset = open_dataset(cfg.data, cfg.image_column, cfg.caption_column, None)
+    dataset = open_dataset(cfg.data, cfg.image_column, None, None)  # images only
     vqvae = build_vqvae(cfg).train()
     factor = 2 ** (len(vqvae.config.block_out_channels) - 1)
     if cfg.resolution % factor:
