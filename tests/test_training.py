@@ -349,3 +349,28 @@ def test_train_with_a_tokenizer_from_train_vq(parquet, tmp_path):
     assert all(torch.equal(trained[k], used[k]) for k in trained)
     with pytest.raises(TrainingError, match="codebook_size=64 does not match vqvae num_vq_embeddings=100"):
         train(config(parquet, tmp_path / "bad", vqvae=str(FIXTURES / "reference-pipeline" / "ds" / "vqvae")))
+
+
+def test_real_datasets_save_to_disk_folder(parquet, tmp_path):
+    """With the `datasets` package installed: its own save_to_disk output (Image feature, DatasetDict) reads."""
+    datasets = pytest.importorskip("datasets")
+    images = [img for img, _ in shape_images(6)]
+    ds = datasets.Dataset.from_dict({"image": images, "caption": [f"c{i}" for i in range(6)]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    for folder in ("one", "dict"):
+        data = open_dataset(tmp_path / folder)
+        assert len(data) == 6 and data[4].caption == "c4" and data[4].image.size == (80, 64)
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(parquet, tmp_path):
+    pytest.importorskip("peft")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(TrainingError, match="--use-8bit-adam needs bitsandbytes"):
+        train(config(parquet, tmp_path / "o", use_8bit_adam=True, max_steps=1))
