@@ -154,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--held-out", action="store_true", help="only scenes with held-out colour-shape pairs")
     shapes.set_defaults(run=data_shapes)
 
+    ev = verbs.add_parser("eval", help="judge generated images automatically")
+    benches = ev.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    es = benches.add_parser("shapes", help="fixed shapes prompts, judged for colour, shape, size, position, relation")
+    es.add_argument("--model", help="a model folder (not needed with --ground-truth)")
+    es.add_argument("--num", type=int, default=50, help="prompts per category (single, two objects, held-out)")
+    es.add_argument("--seed", type=int, default=0, help="fixes the prompt set and the image seeds")
+    es.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    es.add_argument("--guidance", type=float, default=9.0)
+    es.add_argument("--size", type=int, help="image side (default: the model's)")
+    es.add_argument("--ground-truth", action="store_true", help="judge the data set's own images (checks the judge)")
+    es.add_argument("--save-images", type=Path, help="write every judged image here")
+    es.add_argument("--json", type=Path, help="write the scores and per-image verdicts here (must not exist)")
+    es.set_defaults(run=eval_shapes)
+
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
     init.add_argument("--preset", required=True, help=f"architecture: {', '.join(_preset_names())}")
     init.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -401,6 +415,31 @@ def data_shapes(args: argparse.Namespace) -> int:
 
     path = write_shapes(args.out, args.num, seed=args.seed, side=args.size, held_out=args.held_out)
     print(f"wrote {path} ({args.num} images, {args.size}x{args.size})")
+    return 0
+
+
+def eval_shapes(args: argparse.Namespace) -> int:
+    from .evaluate import format_summary, ground_truth_images, pipeline_images, run_eval, write_report
+
+    if args.num < 1:
+        raise UsageError(f"--num {args.num}: must be at least 1")
+    if args.json is not None and args.json.exists():
+        raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
+    if args.ground_truth:
+        make, source = ground_truth_images(args.seed), "ground truth (the data set's renderings)"
+    else:
+        if args.model is None:
+            raise UsageError("give --model, or --ground-truth to check the judge")
+        pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("auto")))
+        pipe.to(resolve_device("auto"))
+        pipe.set_progress_bar_config(disable=True)
+        make, source = pipeline_images(pipe, args.steps, args.guidance, args.seed, args.size), args.model
+    result = run_eval(make, args.num, args.seed, args.save_images)
+    print(f"shapes eval of {source}, seed {args.seed}, {args.num} prompts per category")
+    print(format_summary(result["summary"]))
+    if args.json is not None:
+        write_report(args.json, result, {k: str(v) for k, v in vars(args).items() if k != "run"})
+        print(f"wrote {args.json}")
     return 0
 
 

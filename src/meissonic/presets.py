@@ -114,6 +114,12 @@ PRESETS: dict[str, Preset] = {
         _transformer(2, 4, 4, 64, [16, 24, 24], 256, 1024, 1025, True, "mask_rate"),
         _vq([32, 64, 64, 128, 128], 16, 1024, 1, 16), _text(256, 4, 4, 256), resolution=256, steps=16,
     ),
+    "demo": Preset(
+        "the shipped demo's architecture: ~5M-parameter transformer with compression, 512-code f=16 tokenizer, "
+        "small CLIP text encoder (fits in 25 MB as fp16)",
+        _transformer(2, 4, 3, 64, [16, 24, 24], 64, 512, 513, True, "mask_rate"),
+        _vq([16, 32, 32, 64, 64], 16, 512, 1, 8), _text(64, 3, 2, 192), resolution=256, steps=12,
+    ),
     "tiny-nods": Preset(
         "the tiny model without the 2x feature compression (Monetico's layout)",
         _transformer(1, 2, 2, 16, [4, 6, 6], 32, 64, 65, False, "mask_rate"),
