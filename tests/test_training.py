@@ -327,10 +327,13 @@ def test_pre_encoding_cache_is_built_once_reused_and_checked(parquet, tmp_path):
     assert (cache / "cache.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
     with pytest.raises(TrainingError, match="resolution differ"):
         train(config(parquet, tmp_path / "other", cache=cache, center_crop=True, resolution=32, max_steps=1))
-    with pytest.raises(TrainingError, match="cannot be used with --train-text-encoder"):
-        train(config(parquet, tmp_path / "te", cache=cache, train_text_encoder=True, max_steps=1))
+    trained_text = tmp_path / "te"  # tokens from the cache, text encoded live (the encoder is being trained)
+    train(config(parquet, trained_text, cache=cache, center_crop=True, train_text_encoder=True, max_steps=2))
+    train(config(parquet, trained_text, cache=cache, center_crop=True, train_text_encoder=True, max_steps=4,
+                 resume="latest"))  # the resumed text encoder differs from the cache's; its outputs are not used
+    assert len(losses(trained_text)) == 4
     pipe = MeissonicPipeline.from_pretrained(out)  # same VQ and text encoder as the preset run
-    identity = cache_identity(str(parquet), 64, True, 0, 32, fingerprint(pipe.vqvae, pipe.text_encoder))
+    identity = cache_identity(str(parquet), 64, True, 0, 32, fingerprint(pipe.vqvae), fingerprint(pipe.text_encoder))
     stored = EncodedCache(cache, identity)
     sample = open_dataset(parquet)[5]
     tokens = encode_image(pipe.vqvae, prep(sample.image, 64, center=True)[0][None])

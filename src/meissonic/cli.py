@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--image-column", default="image")
     tv.add_argument("--resolution", type=int, default=256)
     tv.add_argument("--center-crop", action="store_true")
+    tv.add_argument("--crop-size", type=int, help="train on crops of this size, at --resolution scale (faster)")
     tv.add_argument("--batch-size", type=int, default=8)
     tv.add_argument("--max-steps", type=int, default=2000)
     tv.add_argument("--learning-rate", type=float, default=2e-4)

@@ -1,5 +1,6 @@
 """Pre-encoding (as open-muse does): VQ tokens and text embeddings of a dataset written to disk once, so training
 does not run the frozen encoders every epoch. Each sample is cropped once (center, or a crop seeded by its index).
+Captions are kept too, so a run that trains the text encoder can still use the cached tokens.
 
 A cache remembers what made it (data, resolution, crop, a fingerprint of the tokenizer and text encoder); a cache
 made otherwise is refused rather than silently reused.
@@ -34,9 +35,10 @@ def fingerprint(*models: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_identity(data: str, resolution: int, center_crop: bool, seed: int, size: int, models: str) -> dict:
+def cache_identity(data: str, resolution: int, center_crop: bool, seed: int, size: int, vqvae: str,
+                   text_encoder: str) -> dict:
     return {"data": str(data), "resolution": resolution, "center_crop": center_crop,
-            "seed": None if center_crop else seed, "samples": size, "models": models}
+            "seed": None if center_crop else seed, "samples": size, "vqvae": vqvae, "text_encoder": text_encoder}
 
 
 @torch.no_grad()
@@ -49,11 +51,13 @@ def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_en
     save_file({"hidden": hidden.cpu().half().contiguous(), "pooled": pooled.cpu().half().contiguous()},
               tmp / "empty_prompt.safetensors")
     n = len(dataset)
+    captions = []
     for shard_start in range(0, n, SHARD):
         rows = {"tokens": [], "hidden": [], "pooled": [], "micro": []}
         for start in range(shard_start, min(shard_start + SHARD, n), batch):
             indices = range(start, min(start + batch, n, shard_start + SHARD))
             samples = [dataset[i] for i in indices]
+            captions += [s.caption for s in samples]
             crops = [prepare_image(s.image, identity["resolution"], _crop_generator(identity, i),
                                    center=identity["center_crop"]) for s, i in zip(samples, indices)]
             pixels = torch.stack([c[0] for c in crops])
@@ -65,6 +69,7 @@ def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_en
                                               for c, s in zip(crops, samples)]))
         save_file({k: torch.cat(v).contiguous() for k, v in rows.items()},
                   tmp / f"shard-{shard_start // SHARD:05d}.safetensors")
+    (tmp / "captions.json").write_text(json.dumps(captions, ensure_ascii=False))
     (tmp / "cache.json").write_text(json.dumps(identity, indent=2) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -78,18 +83,21 @@ def _crop_generator(identity: dict, index: int) -> torch.Generator | None:
 
 
 class EncodedCache:
-    """Random access to a built cache: `cache[i]` -> (tokens (h, w), hidden (77, C), pooled (P,), micro (5,))."""
+    """Random access to a built cache: `cache[i]` -> (tokens (h, w), hidden (77, C), pooled (P,), micro (5,)).
 
-    def __init__(self, folder: Path, identity: dict):
+    `text_live`: the text encoder is being trained, so its cached outputs are not used and may differ."""
+
+    def __init__(self, folder: Path, identity: dict, text_live: bool = False):
         meta = folder / "cache.json"
         if not meta.is_file():
             raise ValueError(f"{str(folder)!r} is not a finished pre-encoding cache (no cache.json)")
         found = json.loads(meta.read_text())
-        if found != identity:
-            changed = sorted(k for k in identity if found.get(k) != identity[k])
+        changed = sorted(k for k in identity if found.get(k) != identity[k] and not (text_live and k == "text_encoder"))
+        if changed:
             raise ValueError(f"cache {str(folder)!r} was made for other settings ({', '.join(changed)} differ); "
                              "use a new --cache folder")
         self.shards = sorted(folder.glob("shard-*.safetensors"))
+        self.captions = json.loads((folder / "captions.json").read_text())
         self.size = identity["samples"]
         self._handles: dict[int, object] = {}
         with safe_open(folder / "empty_prompt.safetensors", "pt") as f:

@@ -160,19 +160,20 @@ def decode_image(data: bytes | None, name: str) -> Image.Image:
 
 
 def prepare_image(image: Image.Image, resolution: int, generator: torch.Generator | None = None,
-                  center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize the shorter side to `resolution`, crop a square (random unless `center`) -> ((3, R, R) in [0, 1],
-    micro-conditions [orig_width, orig_height, crop_top, crop_left] as float32)."""
+                  center: bool = False, crop_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize the shorter side to `resolution`, crop a square of `crop_size` (default `resolution`; random unless
+    `center`) -> ((3, C, C) in [0, 1], micro-conditions [orig_width, orig_height, crop_top, crop_left] as float32)."""
     width, height = image.size
+    size = crop_size or resolution
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     image = image.resize((new_w, new_h), Image.BILINEAR)
     if center:
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+        top, left = (new_h - size) // 2, (new_w - size) // 2
     else:
-        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
-    crop = image.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, new_h - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, new_w - size + 1, (1,), generator=generator))
+    crop = image.crop((left, top, left + size, top + size))
     pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, R, R)
     return pixels, torch.tensor([width, height, top, left], dtype=torch.float32)
 
@@ -197,12 +198,13 @@ class SampleOrder:
         return [int(self._order(p // self.size)[p % self.size]) for p in positions], start / self.size
 
 
-def load_images(dataset, indices: list[int], resolution: int, gen: torch.Generator, center: bool):
-    """pixels (B, 3, R, R), micro-conditions (B, 5), captions."""
+def load_images(dataset, indices: list[int], resolution: int, gen: torch.Generator, center: bool,
+                crop_size: int | None = None):
+    """pixels (B, 3, C, C), micro-conditions (B, 5), captions."""
     pixels, micro, captions = [], [], []
     for index in indices:
         sample = dataset[index]
-        image, cond = prepare_image(sample.image, resolution, gen, center=center)
+        image, cond = prepare_image(sample.image, resolution, gen, center=center, crop_size=crop_size)
         pixels.append(image)
         micro.append(torch.cat([cond, torch.tensor([sample.score])]))
         captions.append(sample.caption)

@@ -103,8 +103,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--ema-decay {cfg.ema_decay}: must lie in [0, 1)")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
-    if cfg.cache is not None and (cfg.train_text_encoder or cfg.text_encoder_lora_rank):
-        raise TrainingError("--cache stores frozen text embeddings: it cannot be used with --train-text-encoder")
     if cfg.text_encoder_lora_rank and not cfg.lora_rank:
         raise TrainingError("--text-encoder-lora-rank goes with --lora-rank (a LoRA run)")
     if cfg.text_encoder_lora_rank and cfg.train_text_encoder:
@@ -237,7 +235,8 @@ def train(cfg: TrainConfig) -> Path:
             indices, epoch = order(step * cfg.gradient_accumulation + micro)
             if cache is not None:
                 rows = [cache[i] for i in indices]
-                tokens, micro_conds = torch.stack([r[0] for r in rows]).long().to(device), torch.stack([r[3] for r in rows])
+                tokens = torch.stack([r[0] for r in rows]).long().to(device)
+                micro_conds, captions = torch.stack([r[3] for r in rows]), [cache.captions[i] for i in indices]
             else:
                 pixels, micro_conds, captions = load_images(dataset, indices, cfg.resolution, gen, cfg.center_crop)
                 with torch.no_grad():
@@ -248,7 +247,7 @@ def train(cfg: TrainConfig) -> Path:
             last = micro == cfg.gradient_accumulation - 1
             sync = nullcontext() if last else accelerator.no_sync(transformer)
             with sync, accelerator.autocast():
-                if cache is not None:
+                if cache is not None and not trains_text:  # frozen text encoder: its cached outputs
                     hidden = torch.stack([r[1] for r in rows]).to(device, torch.float32)
                     pooled = torch.stack([r[2] for r in rows]).to(device, torch.float32)
                     empty_hidden, empty_pooled = (t.to(device, torch.float32) for t in cache.empty)
@@ -308,13 +307,13 @@ def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_e
     from .cache import EncodedCache, build_cache, cache_identity, fingerprint
 
     identity = cache_identity(cfg.data, cfg.resolution, cfg.center_crop, cfg.seed, len(dataset),
-                              fingerprint(vqvae, text_encoder))
+                              fingerprint(vqvae), fingerprint(text_encoder))
     folder = Path(cfg.cache)
     if accelerator.is_main_process and not (folder / "cache.json").is_file():
         build_cache(folder, identity, dataset, vqvae, tokenizer, text_encoder)
     accelerator.wait_for_everyone()
     try:
-        return EncodedCache(folder, identity)
+        return EncodedCache(folder, identity, text_live=cfg.train_text_encoder or cfg.text_encoder_lora_rank > 0)
     except ValueError as err:
         raise TrainingError(str(err)) from None
 

@@ -32,6 +32,8 @@ class VQTrainConfig(RunConfig):
     `preset` makes a new VQModel of that preset's tokenizer architecture."""
 
     resolution: int = 256
+    crop_size: int | None = None  # train on random crops of this size at `resolution` scale (cheaper; the VQ is
+    # convolutional, so it still tokenizes whole images)
     batch_size: int = 8
     max_steps: int = 2000
     learning_rate: float = 2e-4
@@ -111,6 +113,8 @@ def train_vq(cfg: VQTrainConfig) -> Path:
             raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.resolution % 16:
         raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
+    if cfg.crop_size is not None and not (16 <= cfg.crop_size <= cfg.resolution and cfg.crop_size % 16 == 0):
+        raise TrainingError(f"--crop-size {cfg.crop_size}: must be a multiple of 16, at most --resolution")
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     dataset = open_dataset(cfg.data, cfg.image_column, None, None)  # images only
@@ -153,7 +157,8 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         began = time.perf_counter()
         gen = step_generator(cfg.seed, step, 0, accelerator.process_index)
         indices_batch, epoch = order(step)
-        images = load_images(dataset, indices_batch, cfg.resolution, gen, cfg.center_crop)[0].to(device)
+        images = load_images(dataset, indices_batch, cfg.resolution, gen, cfg.center_crop, cfg.crop_size)[0]
+        images = images.to(device)
         with accelerator.autocast():
             recon, commit, codes, latents = vq_forward(model, images)
             recon = recon.float()
