@@ -75,3 +75,14 @@ def test_bad_options(capsys, parquet, tmp_path):  # noqa: F811
     assert code == 2 and "--resolution 40: must be a multiple of 16" in capsys.readouterr().err
     code = main(["train-vq", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "z"), "--preset", "tiny"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_crops_and_codebook_init(parquet, tmp_path):  # noqa: F811
+    spread = {}
+    for init in (False, True):
+        out = tmp_path / f"crops-{init}"
+        train_vq(config(parquet, out, resolution=64, crop_size=32, init_codebook=init, max_steps=2))
+        spread[init] = VQModel.from_pretrained(out / "vqvae").quantize.embedding.weight.std().item()
+    assert spread[True] > 5 * spread[False]  # codes taken from encoder outputs, not diffusers' uniform(+-1/K)
+    with pytest.raises(TrainingError, match="--crop-size 48: must be a multiple of 16, at most --resolution"):
+        train_vq(config(parquet, tmp_path / "x", resolution=32, crop_size=48))

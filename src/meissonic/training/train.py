@@ -219,6 +219,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg.out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics_path, start_step)
         (cfg.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenize(tokenizer, captions).to(device)
         out = text_encoder(ids, output_hidden_states=True, return_dict=True)

@@ -45,6 +45,7 @@ class VQTrainConfig(RunConfig):
     disc_weight: float = 0.0  # > 0: add a patch discriminator
     disc_start: int = 0
     reset_dead_every: int = 0  # > 0: re-seed codes unused over this many steps
+    init_codebook: bool = False  # a new tokenizer starts its codebook from encoder outputs (--init-codebook)
 
 
 class PatchDiscriminator(nn.Module):
@@ -139,6 +140,8 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         if disc is not None:
             disc.load_state_dict(load_file(resume / "discriminator.safetensors"))
             disc_optimizer.load_state_dict(torch.load(resume / "disc_optimizer.pt", weights_only=True))
+    if cfg.preset is not None and cfg.init_codebook and resume is None:
+        _init_codebook(vqvae, dataset, cfg, order_seed=cfg.seed)
     vqvae, optimizer = accelerator.prepare(vqvae, optimizer)
     if disc is not None:
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
@@ -221,6 +224,18 @@ def _write(folder: Path, model, optimizer, usage, disc, disc_optimizer) -> None:
     if disc is not None:
         save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, folder / "discriminator.safetensors")
         torch.save(disc_optimizer.state_dict(), folder / "disc_optimizer.pt")
+
+
+@torch.no_grad()
+def _init_codebook(model, dataset, cfg: VQTrainConfig, order_seed: int) -> None:
+    """Data-dependent start: codes copied from encoder outputs of a few images (diffusers' default, uniform in
+    +-1/K, leaves nearly every latent on one code, and the decoder learns the mean image)."""
+    codebook = model.config.num_vq_embeddings
+    gen = torch.Generator().manual_seed(order_seed * 7919 + 1)
+    indices = torch.randperm(len(dataset), generator=gen)[:max(cfg.batch_size, 8)].tolist()
+    images = load_images(dataset, indices, cfg.resolution, gen, cfg.center_crop, cfg.crop_size)[0]
+    latents = model.encode(images.to(model.device, model.dtype)).latents
+    _reset_dead_codes(model, torch.zeros(codebook), latents, gen)
 
 
 @torch.no_grad()
