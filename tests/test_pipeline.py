@@ -266,7 +266,9 @@ def test_missing_folder_and_offline_repo_id_are_refused(tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
         MeissonicPipeline.from_pretrained(tmp_path / "nothing")
     with pytest.raises(ModelFolderError, match="could not fetch 'MeissonFlow/Meissonic'"):
-        MeissonicPipeline.from_pretrained("MeissonFlow/Meissonic")
+        MeissonicPipeline.from_pretrained("MeissonFlow/Meissonic", cache_dir=tmp_path / "hub", local_files_only=True)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['low_cpu_mem'\]"):
+        MeissonicPipeline.from_pretrained(tmp_path, low_cpu_mem=True)
 
 
 @pytest.mark.gpu

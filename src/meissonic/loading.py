@@ -15,15 +15,20 @@ class ModelFolderError(ValueError):
     """The model folder is missing, incomplete or malformed."""
 
 
+HUB_OPTIONS = ("cache_dir", "token", "local_files_only", "force_download")
+
+
 def resolve_model_folder(
-    name_or_path: str | os.PathLike, revision: str | None = None, variant: str | None = None
+    name_or_path: str | os.PathLike, revision: str | None = None, variant: str | None = None, **hub_options
 ) -> Path:
-    """A local folder, or a hub repo id downloaded (or found in the cache) with `snapshot_download`."""
+    """A local folder, or a hub repo id downloaded (or found in the cache) with `snapshot_download`.
+
+    `hub_options` (cache_dir, token, local_files_only, force_download) go to `snapshot_download`."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if not REPO_ID.fullmatch(str(name_or_path)):
             raise ModelFolderError(f"model folder {str(name_or_path)!r} does not exist")
-        path = _download(str(name_or_path), revision, variant)
+        path = _download(str(name_or_path), revision, variant, hub_options)
     check_model_folder(path)
     return path
 
@@ -44,7 +49,7 @@ def check_model_folder(path: Path) -> None:
         raise ModelFolderError(f"{str(path)!r} lacks the component folder(s) {', '.join(missing)}")
 
 
-def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, variant: str | None, hub_options: dict) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -57,6 +62,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
                 revision=revision,
                 allow_patterns=["*.json", "*.txt", weights],
                 ignore_patterns=[] if variant else ["*.fp16.safetensors", "*.bf16.safetensors"],
+                **hub_options,
             )
         )
     except HFValidationError:

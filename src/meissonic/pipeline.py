@@ -18,7 +18,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import __version__
-from .loading import ModelFolderError, resolve_model_folder
+from .loading import HUB_OPTIONS, ModelFolderError, resolve_model_folder
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -90,13 +90,16 @@ class MeissonicPipeline(DiffusionPipeline):
     ) -> MeissonicPipeline:
         """Load a folder (or Hugging Face repo id) in the released layout.
 
-        `variant="fp16"` picks the released half-precision files. A component passed by name replaces the folder's,
+        `variant="fp16"` picks the released half-precision files; `cache_dir`, `token`, `local_files_only` and
+        `force_download` go to the hub download. A component passed by name replaces the folder's,
         e.g. `text_encoder=CLIPTextModelWithProjection.from_pretrained(...)` for the encoder the reference scripts use.
         """
+        hub = {k: components.pop(k) for k in HUB_OPTIONS if k in components}
         unknown = set(components) - set(COMPONENTS)
         if unknown:
-            raise ValueError(f"unknown argument(s) {sorted(unknown)}; components are {', '.join(COMPONENTS)}")
-        folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision, variant=variant)
+            raise ValueError(f"unknown argument(s) {sorted(unknown)}; components are {', '.join(COMPONENTS)}, "
+                             f"hub options {', '.join(HUB_OPTIONS)}")
+        folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision, variant=variant, **hub)
         index = json.loads((folder / "model_index.json").read_text())
         weights = {"use_safetensors": True, "variant": variant}
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
