@@ -86,3 +86,17 @@ def test_crops_and_codebook_init(parquet, tmp_path):  # noqa: F811
     assert spread[True] > 5 * spread[False]  # codes taken from encoder outputs, not diffusers' uniform(+-1/K)
     with pytest.raises(TrainingError, match="--crop-size 48: must be a multiple of 16, at most --resolution"):
         train_vq(config(parquet, tmp_path / "x", resolution=32, crop_size=48))
+
+
+def test_codebook_ema_moves_codes_without_the_optimizer_and_resumes(parquet, tmp_path):  # noqa: F811
+    kw = dict(max_steps=4, checkpoint_every=2, codebook_ema=0.9, reset_dead_every=2)
+    train_vq(config(parquet, tmp_path / "a", **kw))
+    train_vq(config(parquet, tmp_path / "b", **dict(kw, max_steps=2)))
+    train_vq(config(parquet, tmp_path / "b", resume="latest", **kw))
+    read = lambda p: [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "a") == read(tmp_path / "b")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        start = VQModel(**json.loads((tmp_path / "a" / "vqvae" / "config.json").read_text()))
+    trained = VQModel.from_pretrained(tmp_path / "a" / "vqvae")
+    assert not torch.equal(start.quantize.embedding.weight, trained.quantize.embedding.weight)

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--disc-weight", type=float, default=0.0, help="> 0: add a patch discriminator (GAN loss)")
     tv.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator starts")
     tv.add_argument("--reset-dead-every", type=int, default=0, help="re-seed codes unused over this many steps")
+    tv.add_argument("--codebook-ema", type=float, default=0.0,
+                    help="> 0 (e.g. 0.99): update codes as an EMA of their encoder outputs instead of by gradient")
     tv.add_argument("--init-codebook", action="store_true",
                     help="start a new tokenizer's codebook from encoder outputs (default: diffusers' random init)")
     tv.add_argument("--seed", type=int, default=0)

@@ -46,6 +46,8 @@ class VQTrainConfig(RunConfig):
     disc_start: int = 0
     reset_dead_every: int = 0  # > 0: re-seed codes unused over this many steps
     init_codebook: bool = False  # a new tokenizer starts its codebook from encoder outputs (--init-codebook)
+    codebook_ema: float = 0.0  # > 0: codes follow an EMA of their assigned encoder outputs (VQ-VAE, van den Oord
+    # et al. 2017, appendix) instead of the gradient of the codebook loss
 
 
 class PatchDiscriminator(nn.Module):
@@ -126,9 +128,12 @@ def train_vq(cfg: VQTrainConfig) -> Path:
     codebook = vqvae.config.num_vq_embeddings
     with seeded_init(cfg.seed + 1):
         disc = PatchDiscriminator() if cfg.disc_weight else None
-    optimizer = adamw(vqvae.parameters(), cfg.learning_rate, cfg.weight_decay)
+    if cfg.codebook_ema:
+        vqvae.quantize.embedding.weight.requires_grad_(False)  # moved by the EMA below, not by the optimizer
+    optimizer = adamw([p for p in vqvae.parameters() if p.requires_grad], cfg.learning_rate, cfg.weight_decay)
     disc_optimizer = adamw(disc.parameters(), cfg.learning_rate, 0.0) if disc else None
     usage = torch.zeros(codebook)
+    ema_state = {"count": torch.ones(codebook), "sum": vqvae.quantize.embedding.weight.detach().clone().float()}
     start = 0
     checkpoints = cfg.out / "checkpoints"
     resume = resolve_resume(cfg.resume, checkpoints) if cfg.resume else None
@@ -136,12 +141,15 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         start = int(read_state(resume)["step"])
         vqvae.load_state_dict(load_file(resume / "vqvae.safetensors"))
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        usage = load_file(resume / "usage.safetensors")["usage"]
+        saved = load_file(resume / "usage.safetensors")
+        usage = saved["usage"]
+        ema_state = {"count": saved["ema_count"], "sum": saved["ema_sum"]}
         if disc is not None:
             disc.load_state_dict(load_file(resume / "discriminator.safetensors"))
             disc_optimizer.load_state_dict(torch.load(resume / "disc_optimizer.pt", weights_only=True))
     if cfg.preset is not None and cfg.init_codebook and resume is None:
         _init_codebook(vqvae, dataset, cfg, order_seed=cfg.seed)
+        _match_ema(ema_state, vqvae)
     vqvae, optimizer = accelerator.prepare(vqvae, optimizer)
     if disc is not None:
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
@@ -187,9 +195,12 @@ def train_vq(cfg: VQTrainConfig) -> Path:
             disc_optimizer.zero_grad(set_to_none=True)
             disc_loss = d.item()
         usage += torch.bincount(codes.flatten().cpu(), minlength=codebook).float()
+        if cfg.codebook_ema:
+            _ema_codebook(model, ema_state, latents.detach(), codes, cfg.codebook_ema)
         done = step + 1
         if cfg.reset_dead_every and done % cfg.reset_dead_every == 0:
             _reset_dead_codes(model, usage, latents.detach(), gen)
+            _match_ema(ema_state, model)
             usage.zero_()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{l2.item():.5f}")
@@ -204,7 +215,7 @@ def train_vq(cfg: VQTrainConfig) -> Path:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 unwrapped_disc = accelerator.unwrap_model(disc) if disc is not None else None
-                save_checkpoint(checkpoints, done, lambda folder: _write(folder, model, optimizer, usage,
+                save_checkpoint(checkpoints, done, lambda folder: _write(folder, model, optimizer, usage, ema_state,
                                                                          unwrapped_disc, disc_optimizer),
                                 {"seed": cfg.seed}, cfg.keep_checkpoints)
     bar.close()
@@ -217,10 +228,11 @@ def train_vq(cfg: VQTrainConfig) -> Path:
     return cfg.out
 
 
-def _write(folder: Path, model, optimizer, usage, disc, disc_optimizer) -> None:
+def _write(folder: Path, model, optimizer, usage, ema_state, disc, disc_optimizer) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "vqvae.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    save_file({"usage": usage}, folder / "usage.safetensors")
+    save_file({"usage": usage, "ema_count": ema_state["count"], "ema_sum": ema_state["sum"]},
+              folder / "usage.safetensors")
     if disc is not None:
         save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, folder / "discriminator.safetensors")
         torch.save(disc_optimizer.state_dict(), folder / "disc_optimizer.pt")
@@ -236,6 +248,27 @@ def _init_codebook(model, dataset, cfg: VQTrainConfig, order_seed: int) -> None:
     images = load_images(dataset, indices, cfg.resolution, gen, cfg.center_crop, cfg.crop_size)[0]
     latents = model.encode(images.to(model.device, model.dtype)).latents
     _reset_dead_codes(model, torch.zeros(codebook), latents, gen)
+
+
+def _match_ema(state: dict, model) -> None:
+    """After codes were set directly, make the EMA averages agree with them."""
+    state["sum"] = model.quantize.embedding.weight.detach().float().cpu() * state["count"][:, None]
+
+
+@torch.no_grad()
+def _ema_codebook(model, state: dict, latents: torch.Tensor, codes: torch.Tensor, decay: float) -> None:
+    """codes <- EMA(sum of assigned latents) / EMA(count), with Laplace smoothing of the counts."""
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float().cpu()  # (B*h*w, C)
+    codes = codes.flatten().cpu()
+    size = state["count"].shape[0]
+    counts = torch.bincount(codes, minlength=size).float()
+    sums = torch.zeros_like(state["sum"]).index_add_(0, codes, vectors)
+    state["count"].mul_(decay).add_(counts, alpha=1 - decay)
+    state["sum"].mul_(decay).add_(sums, alpha=1 - decay)
+    total = state["count"].sum()
+    smoothed = (state["count"] + 1e-5) / (total + size * 1e-5) * total
+    weight = model.quantize.embedding.weight
+    weight.copy_((state["sum"] / smoothed[:, None]).to(weight.device, weight.dtype))
 
 
 @torch.no_grad()
