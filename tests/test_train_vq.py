@@ -75,6 +75,13 @@ def test_bad_options(capsys, parquet, tmp_path):  # noqa: F811
     assert code == 2 and "--resolution 40: must be a multiple of 16" in capsys.readouterr().err
     code = main(["train-vq", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "z"), "--preset", "tiny"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = main(["train-vq", "--data", str(parquet), "--out", str(tmp_path / "z"), "--model", str(tmp_path / "no")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model" in err and "no such folder" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    code = main(["train-vq", "--data", str(parquet), "--out", str(tmp_path / "z"), "--model", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load a VQModel" in err and len(err.strip().splitlines()) == 1
 
 
 def test_crops_and_codebook_init(parquet, tmp_path):  # noqa: F811

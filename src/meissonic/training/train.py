@@ -116,8 +116,6 @@ def build_models(cfg: TrainConfig) -> MeissonicPipeline:
     from ..presets import build_pipeline, get_preset, seeded_init
     from ..transformer import MeissonicTransformer
 
-    from diffusers import VQModel
-
     from ..pipeline import check_components
 
     if cfg.model is None:
@@ -130,12 +128,9 @@ def build_models(cfg: TrainConfig) -> MeissonicPipeline:
                 pipe.transformer = MeissonicTransformer(**preset.transformer)
             pipe.defaults = {"resolution": preset.resolution, "steps": preset.steps}
     if cfg.vqvae is not None:
-        folder = Path(cfg.vqvae)
-        folder = folder / "vqvae" if (folder / "vqvae").is_dir() else folder
-        try:
-            pipe.vqvae = VQModel.from_pretrained(folder, use_safetensors=True)
-        except Exception as err:  # a library error for a malformed folder: one line
-            raise TrainingError(f"--vqvae {cfg.vqvae!r}: cannot load a VQModel ({err})") from None
+        from .vq_train import load_vqvae
+
+        pipe.vqvae = load_vqvae(cfg.vqvae, "--vqvae")
     try:
         check_components(pipe)
     except ValueError as err:

@@ -77,13 +77,23 @@ def build_vqvae(cfg: VQTrainConfig):
     if cfg.preset is not None:
         with seeded_init(cfg.seed):
             return VQModel(**get_preset(cfg.preset).vqvae)
-    folder = Path(cfg.model)
+    return load_vqvae(cfg.model, "--model")
+
+
+def load_vqvae(path: str, option: str):
+    """A VQModel from its folder, or from a pipeline folder's `vqvae/`; one-line errors."""
+    from diffusers import VQModel
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise TrainingError(f"{option} {path!r}: no such folder")
     if (folder / "vqvae").is_dir():
         folder = folder / "vqvae"
     try:
         return VQModel.from_pretrained(folder, use_safetensors=True)
-    except Exception as err:  # a library error for a malformed folder: one line
-        raise TrainingError(f"cannot load a VQModel from {str(folder)!r}: {err}") from None
+    except Exception as err:  # a library error for a malformed folder: its first line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainingError(f"{option} {path!r}: cannot load a VQModel ({reason})") from None
 
 
 def codebook_stats(indices: torch.Tensor, size: int) -> dict:
