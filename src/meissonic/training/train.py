@@ -223,6 +223,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train", unit="step")
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation * accelerator.num_processes
+    empty_text = None  # the empty prompt's encoding, for condition dropout
     for step in range(start_step, cfg.max_steps):
         began = time.perf_counter()
         total, epoch = 0.0, 0.0
@@ -250,7 +251,9 @@ def train(cfg: TrainConfig) -> Path:
                 else:
                     with nullcontext() if trains_text else torch.no_grad():
                         hidden, pooled = encode_text(captions)
-                        empty_hidden, empty_pooled = encode_text([""]) if cfg.cond_dropout else (None, None)
+                        if cfg.cond_dropout and (trains_text or empty_text is None):
+                            empty_text = encode_text([""])  # constant while the encoder is frozen: once
+                        empty_hidden, empty_pooled = empty_text if cfg.cond_dropout else (None, None)
                 if cfg.cond_dropout:
                     hidden, pooled, _ = drop_conditions(hidden, pooled, empty_hidden, empty_pooled,
                                                         cfg.cond_dropout, gen)
