@@ -377,3 +377,17 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(parquet, tmp_path):
         pass
     with pytest.raises(TrainingError, match="--use-8bit-adam needs bitsandbytes"):
         train(config(parquet, tmp_path / "o", use_8bit_adam=True, max_steps=1))
+
+
+def test_ema_covers_a_trained_text_encoder(parquet, tmp_path):
+    # the final model pairs the EMA transformer with the EMA text encoder, not with the last raw encoder weights
+    out = tmp_path / "ema-te"
+    train(config(parquet, out, max_steps=3, checkpoint_every=3, ema_decay=0.9, train_text_encoder=True))
+    raw = load_file(out / "checkpoints" / "checkpoint-3" / "text_encoder.safetensors")
+    final = MeissonicPipeline.from_pretrained(out).text_encoder.state_dict()
+    from meissonic.presets import build_pipeline
+
+    start = build_pipeline("tiny", seed=0).text_encoder.state_dict()
+    moved = [k for k in raw if not torch.equal(raw[k], start[k])]
+    assert moved
+    assert all(not torch.equal(final[k], raw[k]) and not torch.equal(final[k], start[k]) for k in moved)

@@ -1,6 +1,6 @@
 """The `meissonic` command: a thin shell over the library.
 
-  meissonic generate PROMPT --model DIR_OR_REPO [--steps --guidance --seed --width --height --num-images --out ...]
+  meissonic generate PROMPT [--model DIR_OR_REPO (default: the shipped demo)] [--steps --guidance --seed --width --height --num-images --out ...]
   meissonic init --preset NAME --out DIR        (a new model folder with random weights, in the released layout)
 
 Bad input exits with status 2 and one line on stderr naming the problem; no file that exists is ever overwritten.
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = verbs.add_parser("generate", help="make images from a prompt")
     gen.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
     gen.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line")
-    gen.add_argument("--model", required=True, help="a model folder in the released layout, or a hub repo id")
+    gen.add_argument("--model", default="demo", help="a model folder in the released layout, a hub repo id, or "
+                     "'demo' (default): the small shapes model shipped in the package")
     gen.add_argument("--negative-prompt", default="", help='what to steer away from (default "")')
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's, 64 for Meissonic)")
     gen.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale; <= 1 turns it off")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--disc-weight", type=float, default=0.0, help="> 0: add a patch discriminator (GAN loss)")
     tv.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator starts")
     tv.add_argument("--reset-dead-every", type=int, default=0, help="re-seed codes unused over this many steps")
+    tv.add_argument("--commitment", type=float, default=0.25, help="weight of the encoder's commitment loss")
     tv.add_argument("--codebook-ema", type=float, default=0.0,
                     help="> 0 (e.g. 0.99): update codes as an EMA of their encoder outputs instead of by gradient")
     tv.add_argument("--init-codebook", action="store_true",
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = verbs.add_parser("eval", help="judge generated images automatically")
     benches = ev.add_subparsers(dest="bench", required=True, metavar="BENCH")
     es = benches.add_parser("shapes", help="fixed shapes prompts, judged for colour, shape, size, position, relation")
-    es.add_argument("--model", help="a model folder (not needed with --ground-truth)")
+    es.add_argument("--model", default="demo", help="a model folder or hub repo id (default: the shipped demo)")
     es.add_argument("--num", type=int, default=50, help="prompts per category (single, two objects, held-out)")
     es.add_argument("--seed", type=int, default=0, help="fixes the prompt set and the image seeds")
     es.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -172,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--save-images", type=Path, help="write every judged image here")
     es.add_argument("--json", type=Path, help="write the scores and per-image verdicts here (must not exist)")
     es.set_defaults(run=eval_shapes)
+
+    conv = verbs.add_parser("convert", help="write a copy of a model folder with its weights in another precision")
+    conv.add_argument("--model", required=True, help="a model folder or hub repo id")
+    conv.add_argument("--out", type=Path, required=True, help="new folder to write")
+    conv.add_argument("--dtype", required=True, choices=("fp32", "bf16", "fp16"),
+                      help="weight precision of the copy (fp16 halves the size; load it with any --dtype)")
+    conv.set_defaults(run=convert_model)
 
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
     init.add_argument("--preset", required=True, help=f"architecture: {', '.join(_preset_names())}")
@@ -433,8 +442,6 @@ def eval_shapes(args: argparse.Namespace) -> int:
     if args.ground_truth:
         make, source = ground_truth_images(args.seed), "ground truth (the data set's renderings)"
     else:
-        if args.model is None:
-            raise UsageError("give --model, or --ground-truth to check the judge")
         pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("auto")))
         pipe.to(resolve_device("auto"))
         pipe.set_progress_bar_config(disable=True)
@@ -445,6 +452,25 @@ def eval_shapes(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_report(args.json, result, {k: str(v) for k, v in vars(args).items() if k != "run"})
         print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+def convert_model(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.out.exists():
+        raise UsageError(f"--out {str(args.out)!r} exists; choose a new folder")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    pipe = load_pipeline(args.model, dtype)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    pipe.save_pretrained(tmp)
+    os.replace(tmp, args.out)  # appears whole
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"wrote {args.out} ({args.dtype}, {size / 2**20:.1f} MiB)")
     return 0
 
 

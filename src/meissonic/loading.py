@@ -16,16 +16,31 @@ class ModelFolderError(ValueError):
 
 
 HUB_OPTIONS = ("cache_dir", "token", "local_files_only", "force_download")
+DEMO = "demo"  # the model shipped inside the package, used when no other model is named
+
+
+def demo_model_folder() -> Path:
+    """The shipped demo model: a small Meissonic trained on `meissonic data shapes` by scripts/make_demo_model.sh."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("meissonic") / "assets" / "demo-model"))
+    if not (folder / "model_index.json").is_file():
+        raise ModelFolderError(f"this install of meissonic has no demo model ({str(folder)!r} is missing); "
+                               "name a model folder or hub repo id instead")
+    return folder
 
 
 def resolve_model_folder(
     name_or_path: str | os.PathLike, revision: str | None = None, variant: str | None = None, **hub_options
 ) -> Path:
-    """A local folder, or a hub repo id downloaded (or found in the cache) with `snapshot_download`.
+    """A local folder, a hub repo id downloaded (or found in the cache) with `snapshot_download`, or `"demo"` (when
+    no folder of that name exists here): the model shipped in the package.
 
     `hub_options` (cache_dir, token, local_files_only, force_download) go to `snapshot_download`."""
     path = Path(name_or_path).expanduser()
-    if not path.exists():
+    if not path.exists() and str(name_or_path) == DEMO:
+        path = demo_model_folder()
+    elif not path.exists():
         if not REPO_ID.fullmatch(str(name_or_path)):
             raise ModelFolderError(f"model folder {str(name_or_path)!r} does not exist")
         path = _download(str(name_or_path), revision, variant, hub_options)

@@ -32,6 +32,7 @@ PLACES = {"left": "on the left", "right": "on the right", "top": "at the top", "
 # relation -> (first object's position, second object's position)
 RELATIONS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
              "above": ("top", "bottom"), "below": ("bottom", "top")}
+SHORT_CAPTIONS = 0.25  # share of captions without ", on a ... background"
 HELD_OUT = {("purple", "triangle"), ("orange", "circle"), ("green", "star"), ("yellow", "diamond")}
 
 
@@ -52,12 +53,12 @@ class Scene:
     background: str
     relation: str | None = None
 
-    def caption(self) -> str:
+    def caption(self, background: bool = True) -> str:
         if len(self.objects) == 1:
             body = f"{self.objects[0].phrase()} {PLACES[self.objects[0].position]}"
         else:
             body = f"{self.objects[0].phrase()} {self.relation} {self.objects[1].phrase()}"
-        return f"{body}, on a {self.background} background"
+        return f"{body}, on a {self.background} background" if background else body
 
     def to_json(self) -> str:
         return json.dumps({"objects": [asdict(o) for o in self.objects], "background": self.background,
@@ -135,13 +136,15 @@ def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: 
     if out.exists():
         raise ValueError(f"{str(out)!r} exists; choose a new path")
     rng = random.Random(seed)
+    wording = random.Random(seed + 1)  # its own stream: the scenes stay those of earlier versions
     images, captions, scenes = [], [], []
     for _ in range(num):
         scene = random_scene(rng, held_out)
         buffer = io.BytesIO()
         render(scene, side, rng).save(buffer, format="PNG")
         images.append({"bytes": buffer.getvalue(), "path": None})
-        captions.append(scene.caption())
+        # a quarter of the captions leave the background unsaid, so prompts without one work too
+        captions.append(scene.caption(background=wording.random() >= SHORT_CAPTIONS))
         scenes.append(scene.to_json())
     table = pa.table({"image": images, "caption": captions, "scene": scenes,
                       "split": ["heldout" if held_out else "train"] * num})

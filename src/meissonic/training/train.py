@@ -186,14 +186,15 @@ def train(cfg: TrainConfig) -> Path:
             text_encoder.gradient_checkpointing_enable()
     params = [p for p in transformer.parameters() if p.requires_grad]
     text_params = [p for p in text_encoder.parameters() if p.requires_grad] if trains_text else []
-    optimizer = adamw(params + text_params, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam, cfg.adam_betas)
+    trained = params + text_params  # what the optimizer moves, and the EMA follows (text encoder included)
+    optimizer = adamw(trained, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam, cfg.adam_betas)
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.max_steps)
     ema = None
     if cfg.ema_decay:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=cfg.ema_decay, foreach=False)
+        ema = EMAModel(trained, decay=cfg.ema_decay, foreach=False)
 
     start_step = 0
     checkpoints = cfg.out / "checkpoints"
@@ -265,12 +266,12 @@ def train(cfg: TrainConfig) -> Path:
         if not math.isfinite(total):
             raise TrainingError(f"loss became {total} at step {step + 1}; the last good checkpoint is kept in "
                                 f"{checkpoints} (lower --learning-rate or use --mixed-precision bf16)")
-        grad_norm = accelerator.clip_grad_norm_(params + text_params, cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(trained, cfg.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(params)
+            ema.step(trained)
         done = step + 1
         loss_mean = accelerator.reduce(torch.tensor(total, device=device), reduction="mean").item()
         rate = samples_per_step / (time.perf_counter() - began)
@@ -293,11 +294,11 @@ def train(cfg: TrainConfig) -> Path:
                                 {"seed": cfg.seed, "max_steps": cfg.max_steps}, cfg.keep_checkpoints)
         if cfg.validation_every and cfg.validation_prompts and done % cfg.validation_every == 0:
             if accelerator.is_main_process:
-                _validate(pipe, model, params, ema, cfg, done, device)
+                _validate(pipe, model, trained, ema, cfg, done, device)
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(pipe, model, accelerator.unwrap_model(text_encoder), params, ema, cfg, trains_text)
+        _save_final(pipe, model, accelerator.unwrap_model(text_encoder), trained, ema, cfg, trains_text)
     accelerator.end_training()
     return cfg.out
 

@@ -46,6 +46,7 @@ class VQTrainConfig(RunConfig):
     disc_start: int = 0
     reset_dead_every: int = 0  # > 0: re-seed codes unused over this many steps
     init_codebook: bool = False  # a new tokenizer starts its codebook from encoder outputs (--init-codebook)
+    commitment: float = 0.25  # weight of the encoder's commitment term
     codebook_ema: float = 0.0  # > 0: codes follow an EMA of their assigned encoder outputs (VQ-VAE, van den Oord
     # et al. 2017, appendix) instead of the gradient of the codebook loss
 
@@ -104,14 +105,27 @@ def codebook_stats(indices: torch.Tensor, size: int) -> dict:
     return {"codebook_usage": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item()}
 
 
-def vq_forward(vqvae, images: torch.Tensor):
-    """Encode, quantize, decode: (reconstruction, quantizer loss, code indices (B*h*w,), pre-quant latents)."""
+def vq_forward(vqvae, images: torch.Tensor, commitment: float = 0.25):
+    """Encode, quantize, decode: (reconstruction, quantizer loss, code indices (B*h*w,), pre-quant latents).
+
+    The code of each latent is the nearest codebook row (as `VectorQuantizer` picks it at inference). The quantizer
+    loss is VQ-VAE's (van den Oord et al. 2017): ||sg[z] - e||^2 moves the codes, `commitment` * ||z - sg[e]||^2
+    keeps the encoder near them. diffusers' `VectorQuantizer(legacy=True)` puts beta on the codebook term instead,
+    which pins a small encoder to a poor early codebook (colours were lost in our runs), so it is not used here.
+    """
     latents = vqvae.encode(images).latents  # (B, C, h, w) after quant_conv
-    quantized, commit, (_, _, indices) = vqvae.quantize(latents)  # straight-through gradient to the encoder
+    batch, channels, height, width = latents.shape
+    table = vqvae.quantize.embedding.weight
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, channels).float()
+    indices = torch.cdist(flat, table.float()).argmin(dim=1)
+    codes = vqvae.quantize.embedding(indices).view(batch, height, width, channels).permute(0, 3, 1, 2)
+    loss = F.mse_loss(codes.float(), latents.detach().float())
+    loss = loss + commitment * F.mse_loss(latents.float(), codes.detach().float())
+    quantized = latents + (codes.to(latents.dtype) - latents).detach()  # straight-through gradient to the encoder
     # `decode(force_not_quantize=True)` would read its input as code ids (lookup_from_codebook): run its layers.
     spatial = quantized if vqvae.config.norm_type == "spatial" else None
     reconstruction = vqvae.decoder(vqvae.post_quant_conv(quantized), spatial)
-    return reconstruction, commit, indices, latents
+    return reconstruction, loss, indices, latents
 
 
 def train_vq(cfg: VQTrainConfig) -> Path:
@@ -181,7 +195,7 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         images = load_images(dataset, indices_batch, cfg.resolution, gen, cfg.center_crop, cfg.crop_size)[0]
         images = images.to(device)
         with accelerator.autocast():
-            recon, commit, codes, latents = vq_forward(model, images)
+            recon, commit, codes, latents = vq_forward(model, images, cfg.commitment)
             recon = recon.float()
             l1, l2 = (recon - images).abs().mean(), F.mse_loss(recon, images)
             loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + commit.float()
@@ -283,12 +297,17 @@ def _ema_codebook(model, state: dict, latents: torch.Tensor, codes: torch.Tensor
 
 @torch.no_grad()
 def _reset_dead_codes(model, usage: torch.Tensor, latents: torch.Tensor, gen: torch.Generator) -> None:
+    """Codes unused since the last reset move onto encoder outputs of this batch, drawn with probability in
+    proportion to their squared distance from the codebook: latents the codebook fits worst (small objects,
+    rare colours) get codes, not yet more copies of the background."""
     dead = (usage == 0).nonzero().flatten()
     if len(dead) == 0:
         return
-    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, C) encoder outputs
-    picks = torch.randint(0, len(vectors), (len(dead),), generator=gen)
-    model.quantize.embedding.weight[dead.to(vectors.device)] = vectors[picks.to(vectors.device)].float()
+    table = model.quantize.embedding.weight
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()  # (B*h*w, C) encoder outputs
+    error = torch.cdist(vectors, table.float()).min(dim=1).values.pow(2).cpu()
+    picks = torch.multinomial(error + 1e-12, len(dead), replacement=True, generator=gen)
+    table[dead.to(table.device)] = vectors[picks.to(vectors.device)].to(table.dtype)
 
 
 @torch.no_grad()
