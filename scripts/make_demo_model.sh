@@ -1,36 +1,37 @@
 #!/usr/bin/env bash
-# Train the demo model shipped in src/meissonic/assets/demo-model, from nothing, with the project's own commands:
+# Train the demo model shipped in src/meissonic/assets/demo-model from nothing, with the project's own commands:
 # data -> tokenizer (train-vq) -> transformer + text encoder (train) -> judge (eval shapes) -> fp16 copy.
 #
-#   scripts/make_demo_model.sh [WORK_DIR]      (default ./demo-build; about 80 minutes on 2 CPU cores)
+#   scripts/make_demo_model.sh [WORK_DIR]      (default ./demo-build; about 85 minutes on 2 CPU cores)
 #
 # Each stage is skipped when its output exists and resumes from its last checkpoint when it was interrupted, so
-# running the script again continues where it stopped. The result replaces nothing: it is written to
+# running the script again continues where it stopped. Nothing shipped is touched: the result is
 # WORK_DIR/demo-model-fp16; copy it over src/meissonic/assets/demo-model to ship it.
 set -euo pipefail
 W=${1:-demo-build}
 M=${MEISSONIC:-meissonic}
 mkdir -p "$W"
 
-resume() { [ -d "$1/checkpoints" ] && [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ] && echo "--resume latest" || true; }
+resume() { [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ] && echo "--resume latest" || true; }
 
-# 1. Data: 4,000 images for the tokenizer, 16,000 for the transformer (held-out colour-shape pairs left out).
-[ -f "$W/vq-data.parquet" ] || $M data shapes --num 4000 --seed 0 --out "$W/vq-data.parquet"
+# 1. Data: 16,000 captioned 256x256 images (held-out colour-shape pairs never appear).
 [ -f "$W/data.parquet" ] || $M data shapes --num 16000 --seed 1 --out "$W/data.parquet"
 
-# 2. Tokenizer: f=16, 512 codes; 128-pixel crops at 256-pixel scale; EMA codebook with dead-code re-seeding.
-[ -d "$W/vq/vqvae" ] || $M train-vq --data "$W/vq-data.parquet" --out "$W/vq" --preset demo \
+# 2. Tokenizer: f=8, 512 codes, on 128-pixel crops at 256-pixel scale; EMA codebook with dead-code re-seeding;
+#    whitened-colour and hard-pixel terms so that small coloured objects keep their hue.
+[ -d "$W/vq/vqvae" ] || $M train-vq --data "$W/data.parquet" --out "$W/vq" --preset demo \
   --resolution 256 --crop-size 128 --batch-size 16 --learning-rate 1e-3 --mixed-precision bf16 \
-  --codebook-ema 0.99 --reset-dead-every 25 --max-steps 1500 --checkpoint-every 250 --log-every 25 \
-  $(resume "$W/vq")
+  --codebook-ema 0.99 --reset-dead-every 25 --hard-pixel-weight 1.0 --whitened-weight 0.05 \
+  --max-steps 1500 --checkpoint-every 250 --log-every 25 $(resume "$W/vq")
 
-# 3. Transformer and text encoder (trained together, from scratch, on the real CLIP tokenizer), from a token cache.
+# 3. Transformer and text encoder, trained together from scratch (the text encoder reads the real CLIP tokenizer's
+#    ids), from a cache of the images' tokens.
 [ -f "$W/model/model_index.json" ] || $M train --data "$W/data.parquet" --out "$W/model" --preset demo \
   --vqvae "$W/vq/vqvae" --train-text-encoder --cache "$W/cache" --resolution 256 \
-  --batch-size ${BATCH:-32} --max-steps ${STEPS:-6000} --learning-rate ${LR:-1e-3} --lr-scheduler cosine \
-  --warmup-steps 200 --weight-decay 0.01 --mixed-precision bf16 --cond-dropout 0.1 --ema-decay 0.999 \
-  --checkpoint-every 500 --log-every 50 $(resume "$W/model")
+  --batch-size 16 --max-steps ${STEPS:-3000} --learning-rate 1e-3 --lr-scheduler cosine --warmup-steps 100 \
+  --weight-decay 0.01 --mixed-precision bf16 --cond-dropout 0.1 \
+  --checkpoint-every 250 --log-every 25 $(resume "$W/model")
 
-# 4. Judge it, then write the fp16 copy that ships.
+# 4. Judge it (the README's figures), then write the fp16 copy that ships.
 $M eval shapes --model "$W/model" --num 50 --seed 0
 [ -d "$W/demo-model-fp16" ] || $M convert --model "$W/model" --out "$W/demo-model-fp16" --dtype fp16

@@ -35,8 +35,8 @@ def test_released_presets_have_released_sizes():
     assert count(pipe.transformer) == 1_006_946_304
     assert count(pipe.vqvae) == 146_244_675
     assert count(pipe.text_encoder) == 354_032_640
-    assert pipe.defaults == {"resolution": 1024, "steps": 64}
-    assert meta_pipeline("monetico").defaults == {"resolution": 512, "steps": 48}
+    assert pipe.defaults == {"resolution": 1024, "steps": 64, "guidance": 9.0}
+    assert meta_pipeline("monetico").defaults == {"resolution": 512, "steps": 48, "guidance": 9.0}
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-nods"])
@@ -44,7 +44,8 @@ def test_small_presets_round_trip_and_generate(name, tmp_path):
     build_pipeline(name, seed=1).save_pretrained(tmp_path)
     pipe = MeissonicPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.defaults == {"resolution": get_preset(name).resolution, "steps": get_preset(name).steps}
+    preset = get_preset(name)
+    assert pipe.defaults == {"resolution": preset.resolution, "steps": preset.steps, "guidance": preset.guidance}
     tokens = pipe("a green triangle", num_inference_steps=2, height=48, width=80,
                   generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert tokens.shape == (1, 3, 5)

@@ -68,3 +68,18 @@ def test_write_and_command(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["data", "shapes", "--num", "0", "--out", str(tmp_path / "y.parquet")]) == 2
     assert "--num 0" in capsys.readouterr().err
+
+
+def test_parallel_drawing_gives_the_images_of_the_sequential_order(tmp_path):
+    from meissonic.shapes import jitters
+
+    path = write_shapes(tmp_path / "p.parquet", 520, seed=4, side=64)  # enough rows to draw on every core
+    table = pq.read_table(path)
+    rng = random.Random(4)
+    for row in range(520):
+        scene = random_scene(rng)
+        expected = render(scene, 64, rng) if row in (0, 1, 519) else jitters(scene, rng)
+        if row in (0, 1, 519):
+            got = Image.open(io.BytesIO(table["image"][row].as_py()["bytes"]))
+            assert np.array_equal(np.asarray(got), np.asarray(expected)), row
+            assert json.loads(table["scene"][row].as_py())["background"] == scene.background

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "'demo' (default): the small shapes model shipped in the package")
     gen.add_argument("--negative-prompt", default="", help='what to steer away from (default "")')
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's, 64 for Meissonic)")
-    gen.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale; <= 1 turns it off")
+    gen.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 9 for Meissonic)")
     gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     gen.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: the model's)")
     gen.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model's)")
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--disc-weight", type=float, default=0.0, help="> 0: add a patch discriminator (GAN loss)")
     tv.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator starts")
     tv.add_argument("--reset-dead-every", type=int, default=0, help="re-seed codes unused over this many steps")
+    tv.add_argument("--whitened-weight", type=float, default=0.0,
+                    help="> 0: also weigh the squared error in the data's whitened colour space (all hues learn alike)")
+    tv.add_argument("--hard-pixel-weight", type=float, default=0.0,
+                    help="> 0: also weigh each image's worst-reconstructed pixels (helps small objects keep colour)")
+    tv.add_argument("--hard-pixel-share", type=float, default=0.05, help="share of pixels counted as hard")
     tv.add_argument("--commitment", type=float, default=0.25, help="weight of the encoder's commitment loss")
     tv.add_argument("--codebook-ema", type=float, default=0.0,
                     help="> 0 (e.g. 0.99): update codes as an EMA of their encoder outputs instead of by gradient")
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--num", type=int, default=50, help="prompts per category (single, two objects, held-out)")
     es.add_argument("--seed", type=int, default=0, help="fixes the prompt set and the image seeds")
     es.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    es.add_argument("--guidance", type=float, default=9.0)
+    es.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     es.add_argument("--size", type=int, help="image side (default: the model's)")
     es.add_argument("--ground-truth", action="store_true", help="judge the data set's own images (checks the judge)")
     es.add_argument("--save-images", type=Path, help="write every judged image here")
@@ -239,7 +245,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps {args.steps}: must be at least 1")
     if args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images}: must be at least 1")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise UsageError(f"--guidance {args.guidance}: must be >= 0")
     for name in ("width", "height"):
         value = getattr(args, name)
@@ -272,6 +278,7 @@ def generate(args: argparse.Namespace) -> int:
     width = pipe.defaults["resolution"] if args.width is None else args.width
     height = pipe.defaults["resolution"] if args.height is None else args.height
     steps = pipe.defaults["steps"] if args.steps is None else args.steps
+    guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
     pipe.check_size(height, width)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +293,7 @@ def generate(args: argparse.Namespace) -> int:
             height=height,
             width=width,
             num_inference_steps=steps,
-            guidance_scale=args.guidance,
+            guidance_scale=guidance,
             num_images_per_prompt=args.num_images,
             generator=generators,
             temperature=tuple(args.temperature),
@@ -299,7 +306,7 @@ def generate(args: argparse.Namespace) -> int:
                 "negative_prompt": args.negative_prompt,
                 "seed": image_seed,
                 "steps": steps,
-                "guidance_scale": args.guidance,
+                "guidance_scale": guidance,
                 "width": width,
                 "height": height,
                 "temperature": list(args.temperature),

@@ -62,7 +62,7 @@ def ground_truth_images(seed: int = 0) -> Callable[[Scene, int], Image.Image]:
     return lambda scene, index: render(scene, 256, rng)
 
 
-def pipeline_images(pipe, steps: int | None, guidance: float, seed: int, size: int | None = None):
+def pipeline_images(pipe, steps: int | None, guidance: float | None, seed: int, size: int | None = None):
     import torch
 
     def make(scene: Scene, index: int) -> Image.Image:

@@ -175,7 +175,7 @@ class MeissonicPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float = 9.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -198,14 +198,16 @@ class MeissonicPipeline(DiffusionPipeline):
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
-        Arguments as the reference pipeline; unset `height`, `width` and `num_inference_steps` take the model's
-        defaults (`self.defaults`: 1024 px and 64 steps for Meissonic, 512 px and 48 steps for Monetico). `generator` may be a list, one per image. `latents` is an initial token
+        Arguments as the reference pipeline; unset `height`, `width`, `num_inference_steps` and `guidance_scale` take
+        the model's defaults (`self.defaults`: 1024 px and 64 steps for Meissonic, 512 px and 48 steps for Monetico,
+        guidance 9 for both). `generator` may be a list, one per image. `latents` is an initial token
         grid (B, h, w) with the mask id where unknown. `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
         may return {"latents": tokens} to replace the grid. `masking_schedule` overrides the scheduler's.
         """
         height = self.defaults["resolution"] if height is None else height
         width = self.defaults["resolution"] if width is None else width
         num_inference_steps = self.defaults["steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.defaults["guidance"] if guidance_scale is None else guidance_scale
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -328,12 +330,13 @@ class MeissonicPipeline(DiffusionPipeline):
 
 
 def _sampling_defaults(transformer: MeissonicTransformer, saved: dict | None) -> dict:
-    """Resolution and steps a model is meant for: as saved by us, else the released scripts' choice."""
+    """Resolution, steps and guidance a model is meant for: as saved by us, else the released scripts' choice."""
+    guidance = float((saved or {}).get("guidance", 9.0))  # the reference scripts' guidance scale
     if saved:
-        return {"resolution": int(saved["resolution"]), "steps": int(saved["steps"])}
+        return {"resolution": int(saved["resolution"]), "steps": int(saved["steps"]), "guidance": guidance}
     if transformer.config.downsample:  # Meissonic: 1024 px, 64 steps (inference.py)
-        return {"resolution": 1024, "steps": 64}
-    return {"resolution": 512, "steps": 48}  # Monetico: 512 px, 48 steps
+        return {"resolution": 1024, "steps": 64, "guidance": guidance}
+    return {"resolution": 512, "steps": 48, "guidance": guidance}  # Monetico: 512 px, 48 steps
 
 
 def check_components(pipe: MeissonicPipeline) -> None:

@@ -88,6 +88,7 @@ class Preset:
     resolution: int
     steps: int
     masking_schedule: str = "cosine"
+    guidance: float = 9.0
 
 
 MEISSONIC_VQ = _vq([128, 256, 256, 512, 768], 64, 8192, 2, 32)
@@ -115,10 +116,10 @@ PRESETS: dict[str, Preset] = {
         _vq([32, 64, 64, 128, 128], 16, 1024, 1, 16), _text(256, 4, 4, 256), resolution=256, steps=16,
     ),
     "demo": Preset(
-        "the shipped demo's architecture: ~5M-parameter transformer with compression, 512-code f=16 tokenizer, "
-        "small CLIP text encoder (fits in 25 MB as fp16)",
+        "the shipped demo's architecture: ~5M-parameter transformer with compression, 512-code f=8 tokenizer "
+        "(256 px -> 32x32 tokens -> 16x16 in the transformer), small CLIP text encoder (fits in 25 MB as fp16)",
         _transformer(2, 4, 3, 64, [16, 24, 24], 64, 512, 513, True, "mask_rate"),
-        _vq([16, 32, 32, 64, 64], 16, 512, 1, 8), _text(64, 3, 2, 192), resolution=256, steps=12,
+        _vq([16, 32, 64, 64], 16, 512, 1, 8), _text(64, 3, 2, 192), resolution=256, steps=12,
     ),
     "tiny-nods": Preset(
         "the tiny model without the 2x feature compression (Monetico's layout)",
@@ -166,5 +167,5 @@ def build_pipeline(name: str, seed: int = 0) -> MeissonicPipeline:
         text_encoder=text_encoder,
         transformer=transformer,
         scheduler=scheduler,
-        defaults={"resolution": preset.resolution, "steps": preset.steps},
+        defaults={"resolution": preset.resolution, "steps": preset.steps, "guidance": preset.guidance},
     )

@@ -103,22 +103,36 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 def render(scene: Scene, side: int = 256, rng: random.Random | None = None, jitter: float = 0.04) -> Image.Image:
     """Draw the scene (supersampled 4x for clean edges); centers move by up to `jitter` of the side."""
+    return draw(scene, side, jitters(scene, rng, jitter))
+
+
+def jitters(scene: Scene, rng: random.Random | None, jitter: float = 0.04) -> list[tuple[float, float]]:
+    """The (dx, dy) shift of each object's center, as shares of the side (none without `rng`)."""
+    if rng is None:
+        return [(0.0, 0.0)] * len(scene.objects)
+    return [(rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)) for _ in scene.objects]
+
+
+def draw(scene: Scene, side: int, shifts: list[tuple[float, float]]) -> Image.Image:
     scale = 4
     big = side * scale
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
+    pen = ImageDraw.Draw(image)
+    for obj, (dx, dy) in zip(scene.objects, shifts):
         fx, fy = POSITIONS[obj.position]
-        if rng is not None:
-            fx += rng.uniform(-jitter, jitter)
-            fy += rng.uniform(-jitter, jitter)
-        cx, cy, r = fx * big, fy * big, SIZES[obj.size] * big
+        cx, cy, r = (fx + dx) * big, (fy + dy) * big, SIZES[obj.size] * big
         colour = COLOURS[obj.colour]
         if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
-            draw.polygon(_polygon(obj.shape, cx, cy, r), fill=colour)
+            pen.polygon(_polygon(obj.shape, cx, cy, r), fill=colour)
     return image.resize((side, side), Image.LANCZOS)
+
+
+def _png(job: tuple[Scene, int, list[tuple[float, float]]]) -> bytes:
+    buffer = io.BytesIO()
+    draw(*job).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: bool = False) -> Path:
@@ -137,15 +151,22 @@ def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: 
         raise ValueError(f"{str(out)!r} exists; choose a new path")
     rng = random.Random(seed)
     wording = random.Random(seed + 1)  # its own stream: the scenes stay those of earlier versions
-    images, captions, scenes = [], [], []
-    for _ in range(num):
+    jobs, captions = [], []
+    for _ in range(num):  # scenes and jitter drawn in order (the data set is fixed by the seed) ...
         scene = random_scene(rng, held_out)
-        buffer = io.BytesIO()
-        render(scene, side, rng).save(buffer, format="PNG")
-        images.append({"bytes": buffer.getvalue(), "path": None})
+        jobs.append((scene, side, jitters(scene, rng)))
         # a quarter of the captions leave the background unsaid, so prompts without one work too
         captions.append(scene.caption(background=wording.random() >= SHORT_CAPTIONS))
-        scenes.append(scene.to_json())
+    workers = min(os.cpu_count() or 1, 8, max(1, num // 256))
+    if workers > 1:  # ... and drawn on every core
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            pngs = list(pool.map(_png, jobs, chunksize=64))
+    else:
+        pngs = [_png(job) for job in jobs]
+    images = [{"bytes": png, "path": None} for png in pngs]
+    scenes = [job[0].to_json() for job in jobs]
     table = pa.table({"image": images, "caption": captions, "scene": scenes,
                       "split": ["heldout" if held_out else "train"] * num})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """`meissonic train-vq`: train a diffusers `VQModel` image tokenizer, as Meissonic's (f=16) or smaller.
 
-Loss: L1 + L2 reconstruction, plus the quantizer's codebook and commitment terms (`commit_loss` of the diffusers
-`VectorQuantizer`), plus, when asked, a hinge-loss patch discriminator after `disc_start` steps. Codes unused for
-`reset_dead_every` steps are re-seeded from encoder outputs of the current batch (our addition: small data sets
-otherwise leave most of the codebook dead). No perceptual (LPIPS) loss: its weights cannot be downloaded here.
+Loss: L1 + L2 reconstruction, plus VQ-VAE's codebook and commitment terms, plus, when asked: the squared error in
+the data's whitened colours (`--whitened-weight`), the error of each image's worst pixels (`--hard-pixel-weight`),
+and a hinge-loss patch discriminator after `disc_start` steps. Codes can follow an EMA of their encoder outputs
+(`--codebook-ema`); codes unused for `reset_dead_every` steps are re-seeded from the encoder outputs the codebook
+fits worst. These additions are ours: small tokenizers on small, mostly plain data sets otherwise leave most of the
+codebook dead and learn colours last. No perceptual (LPIPS) loss: its weights cannot be downloaded here.
 Same determinism, checkpoints and resume as `meissonic train`.
 """
 
@@ -47,6 +49,9 @@ class VQTrainConfig(RunConfig):
     reset_dead_every: int = 0  # > 0: re-seed codes unused over this many steps
     init_codebook: bool = False  # a new tokenizer starts its codebook from encoder outputs (--init-codebook)
     commitment: float = 0.25  # weight of the encoder's commitment term
+    hard_pixel_weight: float = 0.0  # > 0: add the mean L1 error of each image's worst-reconstructed pixels
+    hard_pixel_share: float = 0.05  # ... this share of them
+    whitened_weight: float = 0.0  # > 0: add the squared error in the data's whitened colour space
     codebook_ema: float = 0.0  # > 0: codes follow an EMA of their assigned encoder outputs (VQ-VAE, van den Oord
     # et al. 2017, appendix) instead of the gradient of the codebook loss
 
@@ -128,6 +133,27 @@ def vq_forward(vqvae, images: torch.Tensor, commitment: float = 0.25):
     return reconstruction, loss, indices, latents
 
 
+def hard_pixel_loss(recon: torch.Tensor, images: torch.Tensor, share: float) -> torch.Tensor:
+    """Mean L1 error (summed over RGB) of each image's `share` worst pixels (online hard example mining).
+
+    Where small objects sit on large plain backgrounds, the plain loss is mostly background, and a small tokenizer
+    learns the objects' shapes long before their colours; this term keeps the pixels it still gets wrong in view."""
+    errors = (recon - images).abs().sum(dim=1).flatten(1)  # (B, H*W)
+    count = max(1, round(errors.shape[1] * share))
+    return errors.topk(count, dim=1).values.mean()
+
+
+def colour_whitening(dataset, resolution: int, count: int = 64, floor: float = 1e-4) -> torch.Tensor:
+    """The 3x3 matrix that whitens the pixel colours of the first `count` images (center crops).
+
+    Reconstruction learns the colour directions of the data in order of their variance, and on mostly grey data the
+    last hues need thousands of steps; measuring the error in whitened colours lets every direction learn alike."""
+    images = load_images(dataset, list(range(min(count, len(dataset)))), resolution, None, True)[0]
+    pixels = images.permute(1, 0, 2, 3).reshape(3, -1).double()
+    values, vectors = torch.linalg.eigh(torch.cov(pixels))
+    return (vectors @ torch.diag(values.clamp(min=floor).rsqrt()) @ vectors.T).float()
+
+
 def train_vq(cfg: VQTrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -140,6 +166,8 @@ def train_vq(cfg: VQTrainConfig) -> Path:
             raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.resolution % 16:
         raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
+    if not 0 < cfg.hard_pixel_share <= 1:
+        raise TrainingError(f"--hard-pixel-share {cfg.hard_pixel_share}: must lie in (0, 1]")
     if cfg.crop_size is not None and not (16 <= cfg.crop_size <= cfg.resolution and cfg.crop_size % 16 == 0):
         raise TrainingError(f"--crop-size {cfg.crop_size}: must be a multiple of 16, at most --resolution")
     AcceleratorState._reset_state()
@@ -179,6 +207,7 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     model = accelerator.unwrap_model(vqvae)
     device = accelerator.device
+    whiten = colour_whitening(dataset, cfg.resolution) if cfg.whitened_weight else None
     order = SampleOrder(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index,
                         accelerator.num_processes)
     metrics_path = cfg.out / "metrics.jsonl"
@@ -199,6 +228,11 @@ def train_vq(cfg: VQTrainConfig) -> Path:
             recon = recon.float()
             l1, l2 = (recon - images).abs().mean(), F.mse_loss(recon, images)
             loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + commit.float()
+            if cfg.whitened_weight:
+                error = torch.einsum("ij,bjhw->bihw", whiten.to(device), recon - images)
+                loss = loss + cfg.whitened_weight * error.pow(2).mean()
+            if cfg.hard_pixel_weight:
+                loss = loss + cfg.hard_pixel_weight * hard_pixel_loss(recon, images, cfg.hard_pixel_share)
             gan = torch.zeros((), device=device)
             if disc is not None and step >= cfg.disc_start:
                 gan = -disc(recon).mean()
