@@ -81,8 +81,8 @@ def test_eval_command_on_ground_truth(tmp_path, capsys):
     assert "two objects" in out and "fully right" in out
     data = json.loads(report.read_text())
     assert data["summary"]["single"]["n"] == 3 and len(data["images"]) == 9
-    assert main(["eval", "shapes", "--num", "3"]) == 2
-    assert "give --model" in capsys.readouterr().err
+    assert main(["eval", "shapes", "--ground-truth", "--num", "0"]) == 2
+    assert "--num 0: must be at least 1" in capsys.readouterr().err
 
 
 def test_eval_command_on_a_model(tiny_folder, tmp_path, capsys):
