@@ -14,8 +14,10 @@ mkdir -p "$W"
 
 resume() { [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ] && echo "--resume latest" || true; }
 
-# 1. Data: 16,000 captioned 256x256 images (held-out colour-shape pairs never appear).
+# 1. Data: 16,000 captioned 256x256 images for the tokenizer, and the first 8,000 of them for the transformer (fewer
+#    images to pre-encode; it sees each about three times). Held-out colour-shape pairs never appear.
 [ -f "$W/data.parquet" ] || $M data shapes --num 16000 --seed 1 --out "$W/data.parquet"
+[ -f "$W/data8k.parquet" ] || $M data shapes --num 8000 --seed 1 --out "$W/data8k.parquet"
 
 # 2. Tokenizer: f=8, 512 codes, on 128-pixel crops at 256-pixel scale; EMA codebook with dead-code re-seeding;
 #    whitened-colour and hard-pixel terms so that small coloured objects keep their hue.
@@ -26,9 +28,9 @@ resume() { [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ] && echo "--resume late
 
 # 3. Transformer and text encoder, trained together from scratch (the text encoder reads the real CLIP tokenizer's
 #    ids), from a cache of the images' tokens.
-[ -f "$W/model/model_index.json" ] || $M train --data "$W/data.parquet" --out "$W/model" --preset demo \
+[ -f "$W/model/model_index.json" ] || $M train --data "$W/data8k.parquet" --out "$W/model" --preset demo \
   --vqvae "$W/vq/vqvae" --train-text-encoder --cache "$W/cache" --resolution 256 \
-  --batch-size 16 --max-steps ${STEPS:-3000} --learning-rate 1e-3 --lr-scheduler cosine --warmup-steps 100 \
+  --batch-size 16 --max-steps ${STEPS:-1600} --learning-rate 1e-3 --lr-scheduler cosine --warmup-steps 100 \
   --weight-decay 0.01 --mixed-precision bf16 --cond-dropout 0.1 \
   --checkpoint-every 250 --log-every 25 $(resume "$W/model")
 

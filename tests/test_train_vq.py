@@ -10,7 +10,16 @@ from conftest import FIXTURES
 from meissonic.cli import main
 from meissonic.training.data import open_dataset
 from meissonic.training.train import TrainingError
-from meissonic.training.vq_train import VQTrainConfig, codebook_stats, evaluate_vq, train_vq
+from meissonic.training.vq_train import (
+    VQTrainConfig,
+    codebook_stats,
+    colour_whitening,
+    evaluate_vq,
+    hard_pixel_loss,
+    rotate_hues,
+    train_vq,
+    vq_forward,
+)
 from test_training import parquet  # noqa: F401  (the shared data fixture)
 
 
@@ -43,7 +52,8 @@ def test_codebook_stats():
 
 
 def test_resume_repeats_the_uninterrupted_run(parquet, tmp_path):  # noqa: F811
-    kw = dict(max_steps=6, checkpoint_every=3, disc_weight=0.1, disc_start=2, reset_dead_every=2)
+    kw = dict(max_steps=6, checkpoint_every=3, disc_weight=0.1, disc_start=2, reset_dead_every=2, hue_jitter=0.5,
+              whitened_weight=0.05, hard_pixel_weight=1.0)
     train_vq(config(parquet, tmp_path / "a", **kw))
     train_vq(config(parquet, tmp_path / "b", **dict(kw, max_steps=3)))
     train_vq(config(parquet, tmp_path / "b", resume="latest", **kw))
@@ -107,3 +117,42 @@ def test_codebook_ema_moves_codes_without_the_optimizer_and_resumes(parquet, tmp
         start = VQModel(**json.loads((tmp_path / "a" / "vqvae" / "config.json").read_text()))
     trained = VQModel.from_pretrained(tmp_path / "a" / "vqvae")
     assert not torch.equal(start.quantize.embedding.weight, trained.quantize.embedding.weight)
+
+
+def test_hue_rotation_keeps_greys_and_brightness_and_moves_colours():
+    rgb = torch.tensor([[220, 20, 20], [128, 128, 128], [255, 255, 255], [0, 0, 0]], dtype=torch.float32) / 255
+    images = rgb.T.reshape(1, 3, 2, 2).repeat(8, 1, 1, 1)
+    rotated = rotate_hues(images, 1.0, torch.Generator().manual_seed(0))
+    pixels = rotated.permute(0, 2, 3, 1).reshape(8, 4, 3)
+    assert torch.allclose(pixels[:, 1:], rgb[1:].expand(8, 3, 3), atol=1e-5)  # grey, white, black unchanged
+    assert (pixels[:, 0] - rgb[0]).abs().max(dim=1).values.min() > 0.05  # the red moved in every image
+    assert torch.equal(rotate_hues(images, 0.0, torch.Generator().manual_seed(0)), images)
+    again = rotate_hues(images, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(rotated, again)
+
+
+def test_whitening_and_hard_pixel_terms(parquet):  # noqa: F811
+    dataset = open_dataset(parquet)
+    whiten = colour_whitening(dataset, 64)
+    from meissonic.training.data import load_images
+
+    images = load_images(dataset, list(range(len(dataset)))[:64], 64, None, True)[0]
+    pixels = images.permute(1, 0, 2, 3).reshape(3, -1)
+    white = whiten @ pixels
+    assert torch.allclose(torch.cov(white), torch.eye(3), atol=0.05)  # every colour direction has unit variance
+    recon = images.clone()
+    recon[:, :, :4, :4] += 0.5  # 16 wrong pixels out of 4096 per image
+    assert hard_pixel_loss(recon, images, 16 / 4096).item() == pytest.approx(1.5, abs=1e-5)
+    assert hard_pixel_loss(recon, images, 32 / 4096).item() == pytest.approx(0.75, abs=1e-5)
+
+
+def test_quantizer_loss_moves_codes_fully_and_the_encoder_by_the_commitment():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vq = VQModel(**json.loads((FIXTURES / "reference-pipeline" / "nods" / "vqvae" / "config.json").read_text()))
+    images = torch.rand(2, 3, 32, 32)
+    _, loss, indices, latents = vq_forward(vq, images, commitment=0.25)
+    codes = vq.quantize.embedding.weight[indices]
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    assert loss.item() == pytest.approx(1.25 * torch.nn.functional.mse_loss(codes, flat).item(), rel=1e-5)
+    assert torch.equal(indices, vq.quantize(latents)[2][2])  # the codes inference picks

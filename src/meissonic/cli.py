@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--reset-dead-every", type=int, default=0, help="re-seed codes unused over this many steps")
     tv.add_argument("--whitened-weight", type=float, default=0.0,
                     help="> 0: also weigh the squared error in the data's whitened colour space (all hues learn alike)")
+    tv.add_argument("--hue-jitter", type=float, default=0.0,
+                    help="share of training images shown with their hues rotated (every shape in every colour)")
     tv.add_argument("--hard-pixel-weight", type=float, default=0.0,
                     help="> 0: also weigh each image's worst-reconstructed pixels (helps small objects keep colour)")
     tv.add_argument("--hard-pixel-share", type=float, default=0.05, help="share of pixels counted as hard")

@@ -42,8 +42,11 @@ def cache_identity(data: str, resolution: int, center_crop: bool, seed: int, siz
 
 
 @torch.no_grad()
-def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_encoder, batch: int = 16) -> None:
+def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_encoder, batch: int = 16,
+                progress: bool = False) -> None:
     """Encode every sample into shards under `folder` (written to a temporary folder, then renamed)."""
+    from tqdm.auto import tqdm
+
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -52,6 +55,7 @@ def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_en
               tmp / "empty_prompt.safetensors")
     n = len(dataset)
     captions = []
+    bar = tqdm(total=n, desc="pre-encoding", unit="image", disable=not progress)
     for shard_start in range(0, n, SHARD):
         rows = {"tokens": [], "hidden": [], "pooled": [], "micro": []}
         for start in range(shard_start, min(shard_start + SHARD, n), batch):
@@ -67,8 +71,10 @@ def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_en
             rows["pooled"].append(p.cpu().half())
             rows["micro"].append(torch.stack([torch.cat([c[1], torch.tensor([s.score])])
                                               for c, s in zip(crops, samples)]))
+            bar.update(len(samples))
         save_file({k: torch.cat(v).contiguous() for k, v in rows.items()},
                   tmp / f"shard-{shard_start // SHARD:05d}.safetensors")
+    bar.close()
     (tmp / "captions.json").write_text(json.dumps(captions, ensure_ascii=False))
     (tmp / "cache.json").write_text(json.dumps(identity, indent=2) + "\n")
     if folder.exists():

@@ -310,7 +310,8 @@ def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_e
                               fingerprint(vqvae), fingerprint(text_encoder))
     folder = Path(cfg.cache)
     if accelerator.is_main_process and not (folder / "cache.json").is_file():
-        build_cache(folder, identity, dataset, vqvae, tokenizer, text_encoder)
+        with accelerator.autocast():  # encoded in the run's precision (bf16 is ~1.4x faster on CPUs)
+            build_cache(folder, identity, dataset, vqvae, tokenizer, text_encoder, progress=cfg.progress)
     accelerator.wait_for_everyone()
     try:
         return EncodedCache(folder, identity, text_live=cfg.train_text_encoder or cfg.text_encoder_lora_rank > 0)

@@ -52,6 +52,7 @@ class VQTrainConfig(RunConfig):
     hard_pixel_weight: float = 0.0  # > 0: add the mean L1 error of each image's worst-reconstructed pixels
     hard_pixel_share: float = 0.05  # ... this share of them
     whitened_weight: float = 0.0  # > 0: add the squared error in the data's whitened colour space
+    hue_jitter: float = 0.0  # share of training images whose hues are rotated by a random angle
     codebook_ema: float = 0.0  # > 0: codes follow an EMA of their assigned encoder outputs (VQ-VAE, van den Oord
     # et al. 2017, appendix) instead of the gradient of the codebook loss
 
@@ -143,6 +144,23 @@ def hard_pixel_loss(recon: torch.Tensor, images: torch.Tensor, share: float) -> 
     return errors.topk(count, dim=1).values.mean()
 
 
+def rotate_hues(images: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Rotate the colours of a random `share` of the images about the grey axis by a random angle (greys stay).
+
+    A tokenizer is a codec: it should encode colour-shape pairs its data set lacks (the shapes data holds some out on
+    purpose), and hue rotations show it every shape in every hue without adding a single captioned image."""
+    chosen = torch.rand(len(images), generator=gen) < share
+    angles = torch.rand(len(images), generator=gen) * 2 * math.pi
+    axis = torch.full((3,), 3 ** -0.5)
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    out = images.clone()
+    for i in chosen.nonzero().flatten().tolist():  # Rodrigues' rotation matrix
+        cos, sin = math.cos(angles[i]), math.sin(angles[i])
+        rotation = cos * torch.eye(3) + sin * cross + (1 - cos) * torch.outer(axis, axis)
+        out[i] = torch.einsum("ij,jhw->ihw", rotation, images[i]).clamp(0, 1)
+    return out
+
+
 def colour_whitening(dataset, resolution: int, count: int = 64, floor: float = 1e-4) -> torch.Tensor:
     """The 3x3 matrix that whitens the pixel colours of the first `count` images (center crops).
 
@@ -166,6 +184,8 @@ def train_vq(cfg: VQTrainConfig) -> Path:
             raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.resolution % 16:
         raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
+    if not 0 <= cfg.hue_jitter <= 1:
+        raise TrainingError(f"--hue-jitter {cfg.hue_jitter}: must lie in [0, 1]")
     if not 0 < cfg.hard_pixel_share <= 1:
         raise TrainingError(f"--hard-pixel-share {cfg.hard_pixel_share}: must lie in (0, 1]")
     if cfg.crop_size is not None and not (16 <= cfg.crop_size <= cfg.resolution and cfg.crop_size % 16 == 0):
@@ -222,6 +242,8 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         gen = step_generator(cfg.seed, step, 0, accelerator.process_index)
         indices_batch, epoch = order(step)
         images = load_images(dataset, indices_batch, cfg.resolution, gen, cfg.center_crop, cfg.crop_size)[0]
+        if cfg.hue_jitter:
+            images = rotate_hues(images, cfg.hue_jitter, gen)
         images = images.to(device)
         with accelerator.autocast():
             recon, commit, codes, latents = vq_forward(model, images, cfg.commitment)
