@@ -338,6 +338,9 @@ def test_pre_encoding_cache_is_built_once_reused_and_checked(parquet, tmp_path):
     sample = open_dataset(parquet)[5]
     tokens = encode_image(pipe.vqvae, prep(sample.image, 64, center=True)[0][None])
     assert torch.equal(stored[5][0].long(), tokens[0])
+    half = tmp_path / "bf16-cache"  # built under the run's bf16 autocast: integer tokens stay integers
+    train(config(parquet, tmp_path / "bf16", cache=half, center_crop=True, mixed_precision="bf16", max_steps=1))
+    assert EncodedCache(half, json.loads((half / "cache.json").read_text()))[5][0].dtype == torch.int32
 
 
 def test_train_with_a_tokenizer_from_train_vq(parquet, tmp_path):

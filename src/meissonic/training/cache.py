@@ -8,6 +8,8 @@ made otherwise is refused rather than silently reused.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -43,7 +45,7 @@ def cache_identity(data: str, resolution: int, center_crop: bool, seed: int, siz
 
 @torch.no_grad()
 def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_encoder, batch: int = 16,
-                progress: bool = False) -> None:
+                progress: bool = False, precision=contextlib.nullcontext) -> None:
     """Encode every sample into shards under `folder` (written to a temporary folder, then renamed)."""
     from tqdm.auto import tqdm
 
@@ -65,8 +67,9 @@ def build_cache(folder: Path, identity: dict, dataset, vqvae, tokenizer, text_en
             crops = [prepare_image(s.image, identity["resolution"], _crop_generator(identity, i),
                                    center=identity["center_crop"]) for s, i in zip(samples, indices)]
             pixels = torch.stack([c[0] for c in crops])
-            rows["tokens"].append(encode_image(vqvae, pixels.to(vqvae.device)).int().cpu())
-            h, p = encode_prompts(tokenizer, text_encoder, [s.caption for s in samples])
+            with precision():  # e.g. accelerate's autocast
+                rows["tokens"].append(encode_image(vqvae, pixels.to(vqvae.device)).int().cpu())
+                h, p = encode_prompts(tokenizer, text_encoder, [s.caption for s in samples])
             rows["hidden"].append(h.cpu().half())
             rows["pooled"].append(p.cpu().half())
             rows["micro"].append(torch.stack([torch.cat([c[1], torch.tensor([s.score])])

@@ -244,12 +244,13 @@ def train(cfg: TrainConfig) -> Path:
             timestep = mask_rate_timestep(share, convention, pipe.defaults["steps"]).to(device)
             last = micro == cfg.gradient_accumulation - 1
             sync = nullcontext() if last else accelerator.no_sync(transformer)
+            if cache is not None and not trains_text:  # frozen text encoder: its cached outputs (stacked outside
+                # autocast, which refuses fp16 inputs on CPU)
+                hidden = torch.stack([r[1] for r in rows]).to(device, torch.float32)
+                pooled = torch.stack([r[2] for r in rows]).to(device, torch.float32)
+                empty_hidden, empty_pooled = (t.to(device, torch.float32) for t in cache.empty)
             with sync, accelerator.autocast():
-                if cache is not None and not trains_text:  # frozen text encoder: its cached outputs
-                    hidden = torch.stack([r[1] for r in rows]).to(device, torch.float32)
-                    pooled = torch.stack([r[2] for r in rows]).to(device, torch.float32)
-                    empty_hidden, empty_pooled = (t.to(device, torch.float32) for t in cache.empty)
-                else:
+                if cache is None or trains_text:
                     with nullcontext() if trains_text else torch.no_grad():
                         hidden, pooled = encode_text(captions)
                         if cfg.cond_dropout and (trains_text or empty_text is None):
@@ -310,8 +311,9 @@ def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_e
                               fingerprint(vqvae), fingerprint(text_encoder))
     folder = Path(cfg.cache)
     if accelerator.is_main_process and not (folder / "cache.json").is_file():
-        with accelerator.autocast():  # encoded in the run's precision (bf16 is ~1.4x faster on CPUs)
-            build_cache(folder, identity, dataset, vqvae, tokenizer, text_encoder, progress=cfg.progress)
+        # encoded in the run's precision (bf16 is ~1.4x faster on CPUs)
+        build_cache(folder, identity, dataset, vqvae, tokenizer, text_encoder, progress=cfg.progress,
+                    precision=accelerator.autocast)
     accelerator.wait_for_everyone()
     try:
         return EncodedCache(folder, identity, text_live=cfg.train_text_encoder or cfg.text_encoder_lora_rank > 0)
