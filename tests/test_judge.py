@@ -4,6 +4,7 @@ import json
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from PIL import ImageFilter
 
@@ -83,6 +84,25 @@ def test_eval_command_on_ground_truth(tmp_path, capsys):
     assert data["summary"]["single"]["n"] == 3 and len(data["images"]) == 9
     assert main(["eval", "shapes", "--ground-truth", "--num", "0"]) == 2
     assert "--num 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_reconstruct_judges_the_tokenizer_round_trip(tiny_folder, capsys):
+    import torch
+
+    from meissonic.evaluate import ground_truth_images, reconstructed_images
+    from meissonic.pipeline import MeissonicPipeline
+    from meissonic.vq import decode_tokens, encode_image
+
+    vqvae = MeissonicPipeline.from_pretrained(tiny_folder).vqvae.eval()
+    scene = random_scene(random.Random(0))
+    truth = np.asarray(ground_truth_images(3)(scene, 0), dtype=np.float32) / 255
+    expected = decode_tokens(vqvae, encode_image(vqvae, torch.from_numpy(truth).permute(2, 0, 1)[None]))[0]
+    got = np.asarray(reconstructed_images(vqvae, 3)(scene, 0), dtype=np.float32) / 255
+    assert got.shape == (256, 256, 3)
+    assert np.abs(got - expected.permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
+    assert main(["eval", "shapes", "--model", str(tiny_folder), "--reconstruct", "--num", "1"]) == 0
+    assert "tokenizer reconstructions" in capsys.readouterr().out
+    assert main(["eval", "shapes", "--reconstruct", "--ground-truth", "--num", "1"]) == 2
 
 
 def test_eval_command_on_a_model(tiny_folder, tmp_path, capsys):

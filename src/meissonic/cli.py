@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     es.add_argument("--size", type=int, help="image side (default: the model's)")
     es.add_argument("--ground-truth", action="store_true", help="judge the data set's own images (checks the judge)")
+    es.add_argument("--reconstruct", action="store_true",
+                    help="judge the data set's images passed through the model's tokenizer (its ceiling)")
     es.add_argument("--save-images", type=Path, help="write every judged image here")
     es.add_argument("--json", type=Path, help="write the scores and per-image verdicts here (must not exist)")
     es.set_defaults(run=eval_shapes)
@@ -442,14 +444,26 @@ def data_shapes(args: argparse.Namespace) -> int:
 
 
 def eval_shapes(args: argparse.Namespace) -> int:
-    from .evaluate import format_summary, ground_truth_images, pipeline_images, run_eval, write_report
+    from .evaluate import (
+        format_summary,
+        ground_truth_images,
+        pipeline_images,
+        reconstructed_images,
+        run_eval,
+        write_report,
+    )
 
     if args.num < 1:
         raise UsageError(f"--num {args.num}: must be at least 1")
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
+    if args.ground_truth and args.reconstruct:
+        raise UsageError("choose --ground-truth or --reconstruct, not both")
     if args.ground_truth:
         make, source = ground_truth_images(args.seed), "ground truth (the data set's renderings)"
+    elif args.reconstruct:
+        pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("cpu")))
+        make, source = reconstructed_images(pipe.vqvae.eval(), args.seed), f"{args.model} tokenizer reconstructions"
     else:
         pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("auto")))
         pipe.to(resolve_device("auto"))

@@ -62,6 +62,23 @@ def ground_truth_images(seed: int = 0) -> Callable[[Scene, int], Image.Image]:
     return lambda scene, index: render(scene, 256, rng)
 
 
+def reconstructed_images(vqvae, seed: int = 0) -> Callable[[Scene, int], Image.Image]:
+    """The data set's renderings passed through a tokenizer (encode, decode): the best a model on it can score."""
+    import numpy as np
+    import torch
+
+    from .vq import decode_tokens, encode_image
+
+    truth = ground_truth_images(seed)
+
+    def make(scene: Scene, index: int) -> Image.Image:
+        pixels = torch.from_numpy(np.asarray(truth(scene, index), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        image = decode_tokens(vqvae, encode_image(vqvae, pixels))[0]
+        return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+    return make
+
+
 def pipeline_images(pipe, steps: int | None, guidance: float | None, seed: int, size: int | None = None):
     import torch
 
