@@ -353,7 +353,21 @@ def resolve_dtype(name: str, device):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 on CPU is hundreds of times slower than bf16: use --dtype bf16 or fp32")
+    return torch_dtype(name)
+
+
+def torch_dtype(name: str):
+    import torch
+
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def save_new_folder(pipe, out: Path) -> None:
+    """Write a pipeline folder that appears whole: into a temporary sibling, then renamed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    pipe.save_pretrained(tmp)
+    os.replace(tmp, out)
 
 
 def load_pipeline(model: str, dtype):
@@ -462,7 +476,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
     if args.ground_truth:
         make, source = ground_truth_images(args.seed), "ground truth (the data set's renderings)"
     elif args.reconstruct:
-        pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("cpu")))
+        pipe = load_pipeline(args.model, torch_dtype("fp32"))  # the tokenizer alone, on the CPU
         make, source = reconstructed_images(pipe.vqvae.eval(), args.seed), f"{args.model} tokenizer reconstructions"
     else:
         pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("auto")))
@@ -482,16 +496,9 @@ def eval_shapes(args: argparse.Namespace) -> int:
 
 
 def convert_model(args: argparse.Namespace) -> int:
-    import torch
-
     if args.out.exists():
         raise UsageError(f"--out {str(args.out)!r} exists; choose a new folder")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pipe = load_pipeline(args.model, dtype)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    pipe.save_pretrained(tmp)
-    os.replace(tmp, args.out)  # appears whole
+    save_new_folder(load_pipeline(args.model, torch_dtype(args.dtype)), args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote {args.out} ({args.dtype}, {size / 2**20:.1f} MiB)")
     return 0
@@ -515,10 +522,7 @@ def init_model(args: argparse.Namespace) -> int:
         print(f"kept existing model folder {args.out}")
         return 0
     pipe = build_pipeline(args.preset, seed=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    pipe.save_pretrained(tmp)
-    os.replace(tmp, args.out)
+    save_new_folder(pipe, args.out)
     params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"wrote {args.out} (preset {args.preset}, transformer {params:,} parameters, random weights)")
     return 0

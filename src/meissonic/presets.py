@@ -90,6 +90,11 @@ class Preset:
     masking_schedule: str = "cosine"
     guidance: float = 9.0
 
+    @property
+    def defaults(self) -> dict:
+        """The sampling defaults a pipeline of this architecture records (`MeissonicPipeline.defaults`)."""
+        return {"resolution": self.resolution, "steps": self.steps, "guidance": self.guidance}
+
 
 MEISSONIC_VQ = _vq([128, 256, 256, 512, 768], 64, 8192, 2, 32)
 CLIP_H = _text(1024, 24, 16, 1024)
@@ -169,5 +174,5 @@ def build_pipeline(name: str, seed: int = 0) -> MeissonicPipeline:
         text_encoder=text_encoder,
         transformer=transformer,
         scheduler=scheduler,
-        defaults={"resolution": preset.resolution, "steps": preset.steps, "guidance": preset.guidance},
+        defaults=preset.defaults,
     )

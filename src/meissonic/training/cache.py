@@ -9,7 +9,6 @@ made otherwise is refused rather than silently reused.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os

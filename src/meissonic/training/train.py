@@ -126,7 +126,7 @@ def build_models(cfg: TrainConfig) -> MeissonicPipeline:
             preset = get_preset(cfg.preset)
             with seeded_init(cfg.seed):
                 pipe.transformer = MeissonicTransformer(**preset.transformer)
-            pipe.defaults = {"resolution": preset.resolution, "steps": preset.steps, "guidance": preset.guidance}
+            pipe.defaults = preset.defaults
     if cfg.vqvae is not None:
         from .vq_train import load_vqvae
 

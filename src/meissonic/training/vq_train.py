@@ -122,8 +122,7 @@ def vq_forward(vqvae, images: torch.Tensor, commitment: float = 0.25):
     latents = vqvae.encode(images).latents  # (B, C, h, w) after quant_conv
     batch, channels, height, width = latents.shape
     table = vqvae.quantize.embedding.weight
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, channels).float()
-    indices = torch.cdist(flat, table.float()).argmin(dim=1)
+    indices = torch.cdist(_positions(latents), table.float()).argmin(dim=1)
     codes = vqvae.quantize.embedding(indices).view(batch, height, width, channels).permute(0, 3, 1, 2)
     loss = F.mse_loss(codes.float(), latents.detach().float())
     loss = loss + commitment * F.mse_loss(latents.float(), codes.detach().float())
@@ -132,6 +131,11 @@ def vq_forward(vqvae, images: torch.Tensor, commitment: float = 0.25):
     spatial = quantized if vqvae.config.norm_type == "spatial" else None
     reconstruction = vqvae.decoder(vqvae.post_quant_conv(quantized), spatial)
     return reconstruction, loss, indices, latents
+
+
+def _positions(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents -> (B*h*w, C) float32 vectors, in the order of the code indices."""
+    return latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()
 
 
 def hard_pixel_loss(recon: torch.Tensor, images: torch.Tensor, share: float) -> torch.Tensor:
@@ -338,7 +342,7 @@ def _match_ema(state: dict, model) -> None:
 @torch.no_grad()
 def _ema_codebook(model, state: dict, latents: torch.Tensor, codes: torch.Tensor, decay: float) -> None:
     """codes <- EMA(sum of assigned latents) / EMA(count), with Laplace smoothing of the counts."""
-    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float().cpu()  # (B*h*w, C)
+    vectors = _positions(latents).cpu()
     codes = codes.flatten().cpu()
     size = state["count"].shape[0]
     counts = torch.bincount(codes, minlength=size).float()
@@ -360,7 +364,7 @@ def _reset_dead_codes(model, usage: torch.Tensor, latents: torch.Tensor, gen: to
     if len(dead) == 0:
         return
     table = model.quantize.embedding.weight
-    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()  # (B*h*w, C) encoder outputs
+    vectors = _positions(latents)  # encoder outputs
     error = torch.cdist(vectors, table.float()).min(dim=1).values.pow(2).cpu()
     picks = torch.multinomial(error + 1e-12, len(dead), replacement=True, generator=gen)
     table[dead.to(table.device)] = vectors[picks.to(vectors.device)].to(table.dtype)
