@@ -1,7 +1,8 @@
 """The `meissonic` command: a thin shell over the library.
 
-  meissonic generate PROMPT [--model DIR_OR_REPO (default: the shipped demo)] [--steps --guidance --seed --width --height --num-images --out ...]
-  meissonic init --preset NAME --out DIR        (a new model folder with random weights, in the released layout)
+  meissonic generate PROMPT [--model DIR_OR_REPO (default: the shipped demo)] [--steps --guidance --seed ...]
+  meissonic img2img | inpaint | outpaint PROMPT --image PATH [...]   (image editing, see `cli_images.py`)
+  meissonic train | train-vq | data shapes | eval shapes | bench | convert | init
 
 Bad input exits with status 2 and one line on stderr naming the problem; no file that exists is ever overwritten.
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for; printed as one line, exit status 2."""
+from .cli_common import (
+    UsageError,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    save_new_folder,
+    torch_dtype,
+    version,
+)
+from .cli_images import add_image_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,33 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meissonic", description="Meissonic text-to-image (arXiv 2410.08261)")
-    parser.add_argument("--version", action="version", version=f"meissonic {_version()}")
+    parser.add_argument("--version", action="version", version=f"meissonic {version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
-
-    gen = verbs.add_parser("generate", help="make images from a prompt")
-    gen.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
-    gen.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line")
-    gen.add_argument("--model", default="demo", help="a model folder in the released layout, a hub repo id, or "
-                     "'demo' (default): the small shapes model shipped in the package")
-    gen.add_argument("--negative-prompt", default="", help='what to steer away from (default "")')
-    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's, 64 for Meissonic)")
-    gen.add_argument("--guidance", type=float,
-                     help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 9 for Meissonic)")
-    gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
-    gen.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: the model's)")
-    gen.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model's)")
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt, sampled as one batch")
-    gen.add_argument("--temperature", type=float, nargs=2, default=(2.0, 0.0), metavar=("START", "END"),
-                     help="Gumbel-noise temperature, annealed from START to END (default 2 0)")
-    gen.add_argument("--schedule", choices=("cosine", "linear"), help="mask schedule (default: the model's)")
-    gen.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-condition (default 6)")
-    gen.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
-    gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    gen.add_argument("--offload", action="store_true", help="model CPU offload (GPU only): less GPU memory")
-    gen.add_argument("--lora", type=Path, help="a LoRA adapter folder written by `meissonic train --lora-rank`")
-    gen.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
-    gen.set_defaults(run=generate)
+    add_image_commands(verbs)
 
     bench = verbs.add_parser("bench", help="time one transformer forward of a named architecture (random weights)")
     bench.add_argument("--preset", default="meissonic", help=f"architecture: {', '.join(_preset_names())}")
@@ -213,178 +194,10 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _preset_names() -> list[str]:
     from .presets import PRESETS
 
     return list(PRESETS)
-
-
-# ---------------------------------------------------------------------------------------------- generate
-
-
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts to run: the positional one and/or those of --prompts-file."""
-    prompts = [args.prompt] if args.prompt is not None else []
-    if args.prompts_file is not None:
-        try:
-            text = args.prompts_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"cannot read prompts file {str(args.prompts_file)!r}: {_reason(err)}") from None
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise UsageError(f"prompts file {str(args.prompts_file)!r} holds no prompt")
-    if not prompts:
-        raise UsageError("give a PROMPT or --prompts-file")
-    return prompts
-
-
-def check_generate_args(args: argparse.Namespace) -> None:
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: must be at least 1")
-    if args.num_images < 1:
-        raise UsageError(f"--num-images {args.num_images}: must be at least 1")
-    if args.guidance is not None and args.guidance < 0:
-        raise UsageError(f"--guidance {args.guidance}: must be >= 0")
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value < 16 or value % 16):
-            raise UsageError(f"--{name} {value}: must be a positive multiple of 16")
-    if args.seed is not None and not 0 <= args.seed < 2**63 - 2**20:
-        raise UsageError(f"--seed {args.seed}: must be a non-negative integer below 2**63")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {str(args.out)!r} exists and is not a folder")
-
-
-def generate(args: argparse.Namespace) -> int:
-    check_generate_args(args)
-    prompts = read_prompts(args)
-    import torch
-
-    from .outputs import save_png
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, dtype)
-    if args.lora is not None:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
-    if args.offload:
-        if device.type != "cuda":
-            raise UsageError("--offload needs a CUDA GPU")
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    width = pipe.defaults["resolution"] if args.width is None else args.width
-    height = pipe.defaults["resolution"] if args.height is None else args.height
-    steps = pipe.defaults["steps"] if args.steps is None else args.steps
-    guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
-    pipe.check_size(height, width)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for number, prompt in enumerate(prompts):
-        first = seed + number * args.num_images
-        seeds = [first + i for i in range(args.num_images)]
-        gen_device = "cpu" if device.type == "mps" else device
-        generators = [torch.Generator(gen_device).manual_seed(s) for s in seeds]
-        images = pipe(
-            prompt=prompt,
-            negative_prompt=args.negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            num_images_per_prompt=args.num_images,
-            generator=generators,
-            temperature=tuple(args.temperature),
-            masking_schedule=args.schedule,
-            micro_conditioning_aesthetic_score=args.aesthetic_score,
-        ).images
-        for image, image_seed in zip(images, seeds):
-            params = {
-                "prompt": prompt,
-                "negative_prompt": args.negative_prompt,
-                "seed": image_seed,
-                "steps": steps,
-                "guidance_scale": guidance,
-                "width": width,
-                "height": height,
-                "temperature": list(args.temperature),
-                "schedule": args.schedule or pipe.scheduler.config.masking_schedule,
-                "aesthetic_score": args.aesthetic_score,
-                "model": str(args.model),
-                "lora": None if args.lora is None else str(args.lora),
-                "dtype": str(dtype).removeprefix("torch."),
-                "meissonic_version": _version(),
-            }
-            path = save_png(image, args.out, prompt, image_seed, params)
-            print(f"wrote {path}")
-    return 0
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available")
-    return device
-
-
-def resolve_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "fp16" and device.type == "cpu":
-        raise UsageError("--dtype fp16 on CPU is hundreds of times slower than bf16: use --dtype bf16 or fp32")
-    return torch_dtype(name)
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def save_new_folder(pipe, out: Path) -> None:
-    """Write a pipeline folder that appears whole: into a temporary sibling, then renamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    pipe.save_pretrained(tmp)
-    os.replace(tmp, out)
-
-
-def load_pipeline(model: str, dtype):
-    from .loading import ModelFolderError
-    from .pipeline import MeissonicPipeline
-
-    try:
-        return MeissonicPipeline.from_pretrained(model, torch_dtype=dtype)
-    except ModelFolderError:
-        raise
-    except Exception as err:  # a library's error while reading a malformed folder: one line, no traceback
-        raise UsageError(f"cannot load model {model!r}: {type(err).__name__}: {_reason(err)}") from None
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------- bench

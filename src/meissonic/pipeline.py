@@ -161,6 +161,12 @@ class MeissonicPipeline(DiffusionPipeline):
         device = device or self._execution_device
         return pooled.to(device), hidden.to(device)
 
+    @property
+    def max_side(self) -> int:
+        """The longest side edits make and the UI offers: twice the resolution the model was trained for (larger
+        sizes work, as far as memory goes, but a model draws poorly far from its training size)."""
+        return 2 * self.defaults["resolution"]
+
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless (height, width) is an image size this model can make."""
         f = self.vae_scale_factor
@@ -269,16 +275,17 @@ class MeissonicPipeline(DiffusionPipeline):
             return None
 
         with progress:
-            tokens = decode(
-                tokens,
-                logits_fn,
-                mask_token_id=mask_id,
-                num_steps=num_inference_steps,
-                schedule=masking_schedule or self.scheduler.config.masking_schedule,
-                temperature=temperature,
-                generator=generator,
-                on_step=on_step,
-            )
+            if (tokens == mask_id).any():  # else nothing to draw: an edit that keeps every token
+                tokens = decode(
+                    tokens,
+                    logits_fn,
+                    mask_token_id=mask_id,
+                    num_steps=num_inference_steps,
+                    schedule=masking_schedule or self.scheduler.config.masking_schedule,
+                    temperature=temperature,
+                    generator=generator,
+                    on_step=on_step,
+                )
 
         if output_type == "latent":
             output = tokens

@@ -42,7 +42,7 @@ def _vq(block_out_channels: list[int], latent_channels: int, codebook: int, laye
     }
 
 
-def _text(hidden: int, layers: int, heads: int, projection: int) -> dict:
+def _text(hidden: int, layers: int, heads: int, projection: int, positions: int = 77) -> dict:
     return {
         "vocab_size": CLIP_VOCAB,
         "hidden_size": hidden,
@@ -50,7 +50,7 @@ def _text(hidden: int, layers: int, heads: int, projection: int) -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "projection_dim": projection,
-        "max_position_embeddings": 77,
+        "max_position_embeddings": positions,
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,
         "pad_token_id": 1,
@@ -121,12 +121,13 @@ PRESETS: dict[str, Preset] = {
         _vq([32, 64, 64, 128, 128], 16, 1024, 1, 16), _text(256, 4, 4, 256), resolution=256, steps=16,
     ),
     "demo": Preset(
-        "the shipped demo's architecture: ~5M-parameter transformer with compression, 512-code f=8 tokenizer "
-        "(256 px -> 32x32 tokens -> 16x16 in the transformer), small CLIP text encoder (fits in 25 MB as fp16)",
+        "the shipped demo's architecture: ~5M-parameter transformer with compression, 512-code f=16 tokenizer "
+        "(256 px -> 16x16 tokens -> 8x8 in the transformer), small CLIP text encoder reading 32 tokens "
+        "(fits in 25 MB as fp16)",
         _transformer(2, 4, 3, 64, [16, 24, 24], 64, 512, 513, True, "mask_rate"),
         # one norm group: GroupNorm over groups of 2 channels (16 channels, 8 groups) keeps only the sign pattern of a
         # flat region's features, so plain-coloured shapes lose their hue; over all channels the colour survives
-        _vq([16, 32, 64, 64], 16, 512, 1, 1), _text(64, 3, 2, 192), resolution=256, steps=12,
+        _vq([16, 32, 64, 64, 64], 16, 512, 1, 1), _text(64, 3, 2, 192, positions=32), resolution=256, steps=12,
     ),
     "tiny-nods": Preset(
         "the tiny model without the 2x feature compression (Monetico's layout)",

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..pipeline import MeissonicPipeline
-from ..text import tokenize
+from ..text import text_length, tokenize
 from ..vq import encode_image
 from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
 from .data import SampleOrder, load_images, open_dataset, step_generator
@@ -216,8 +216,10 @@ def train(cfg: TrainConfig) -> Path:
         truncate_metrics(metrics_path, start_step)
         (cfg.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
 
+    length = text_length(accelerator.unwrap_model(text_encoder))
+
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = tokenize(tokenizer, captions).to(device)
+        ids = tokenize(tokenizer, captions, length).to(device)
         out = text_encoder(ids, output_hidden_states=True, return_dict=True)
         return out.hidden_states[-2], out.text_embeds
 

@@ -1,0 +1,274 @@
+"""The image-making commands: `generate`, `img2img`, `inpaint`, `outpaint`.
+
+They share one set of sampling options and one loop (load the model once, then per prompt: seeds, images, PNGs with
+their parameters in the metadata). The edits only differ in what they read and which library function they call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from .cli_common import DTYPES, UsageError, load_pipeline, reason, resolve_device, resolve_dtype, version
+
+
+def add_image_commands(verbs) -> None:
+    gen = verbs.add_parser("generate", help="make images from a prompt")
+    _sampling_options(gen)
+    _size_options(gen)
+    gen.set_defaults(run=generate)
+
+    i2i = verbs.add_parser("img2img", help="redraw an image under a prompt (a share of its tokens regenerated)")
+    _sampling_options(i2i)
+    _image_option(i2i)
+    i2i.add_argument("--strength", type=float, default=0.6,
+                     help="share of the image's tokens regenerated, 0..1 (0: the image as the tokenizer copies it, "
+                          "1: all new; default 0.6)")
+    _size_options(i2i, "the image's size, rounded to the tokenizer's patch")
+    i2i.set_defaults(run=img2img_command)
+
+    inp = verbs.add_parser("inpaint", help="repaint the masked part of an image")
+    _sampling_options(inp)
+    _image_option(inp)
+    where = inp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", type=Path, help="mask image of the same size, white = repaint (any image format)")
+    where.add_argument("--box", help="repaint a rectangle instead: x0,y0,x1,y1 in pixels (x1, y1 excluded)")
+    inp.add_argument("--grow", type=int, default=0, help="grow the mask by this many tokens (default 0)")
+    _composite_options(inp)
+    _size_options(inp, "the image's size, rounded to the tokenizer's patch")
+    inp.set_defaults(run=inpaint_command)
+
+    out = verbs.add_parser("outpaint", help="extend an image's canvas and draw the new area")
+    _sampling_options(out)
+    _image_option(out)
+    for side in ("left", "right", "top", "bottom"):
+        out.add_argument(f"--{side}", type=int, default=0, help=f"pixels added on the {side}")
+    out.add_argument("--expand", help="instead of margins: the new canvas size WIDTHxHEIGHT, image centred")
+    _composite_options(out)
+    out.set_defaults(run=outpaint_command)
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
+    p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line")
+    p.add_argument("--model", default="demo", help="a model folder in the released layout, a hub repo id, or "
+                   "'demo' (default): the small shapes model shipped in the package")
+    p.add_argument("--negative-prompt", default="", help='what to steer away from (default "")')
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 64 for Meissonic; edits take "
+                   "the share of them that matches the share of tokens they redraw)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 9 for Meissonic)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt, sampled as one batch")
+    p.add_argument("--temperature", type=float, nargs=2, default=(2.0, 0.0), metavar=("START", "END"),
+                   help="Gumbel-noise temperature, annealed from START to END (default 2 0)")
+    p.add_argument("--schedule", choices=("cosine", "linear"), help="mask schedule (default: the model's)")
+    p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-condition (default 6)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--offload", action="store_true", help="model CPU offload (GPU only): less GPU memory")
+    p.add_argument("--lora", type=Path, help="a LoRA adapter folder written by `meissonic train --lora-rank`")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
+
+
+def _size_options(p: argparse.ArgumentParser, default: str = "the model's") -> None:
+    p.add_argument("--width", type=int, help=f"image width in pixels, a multiple of 16 (default: {default})")
+    p.add_argument("--height", type=int, help=f"image height in pixels, a multiple of 16 (default: {default})")
+
+
+def _image_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", type=Path, required=True, help="the image to edit (any format Pillow reads)")
+
+
+def _composite_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-composite", action="store_true",
+                   help="keep the model's own pixels everywhere (default: paste the input's unmasked pixels back)")
+    p.add_argument("--feather", type=int, help="width in pixels of the soft edge of that paste (default: half a "
+                   "token)")
+
+
+# ---------------------------------------------------------------------------------------------- shared loop
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts to run: the positional one and/or those of --prompts-file."""
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompts_file is not None:
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read prompts file {str(args.prompts_file)!r}: {reason(err)}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"prompts file {str(args.prompts_file)!r} holds no prompt")
+    if not prompts:
+        raise UsageError("give a PROMPT or --prompts-file")
+    return prompts
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be at least 1")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images {args.num_images}: must be at least 1")
+    if args.guidance is not None and args.guidance < 0:
+        raise UsageError(f"--guidance {args.guidance}: must be >= 0")
+    for name in ("width", "height"):
+        value = getattr(args, name, None)
+        if value is not None and (value < 16 or value % 16):
+            raise UsageError(f"--{name} {value}: must be a positive multiple of 16")
+    if args.seed is not None and not 0 <= args.seed < 2**63 - 2**20:
+        raise UsageError(f"--seed {args.seed}: must be a non-negative integer below 2**63")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {str(args.out)!r} exists and is not a folder")
+
+
+# make(pipe, prompt, generators, options) -> PIL images; options are the sampling keywords every task takes
+MakeImages = Callable[..., list]
+
+
+def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
+    """Load the model once, then for each prompt make `--num-images` images and write them with their parameters."""
+    check_sampling_args(args)
+    prompts = read_prompts(args)
+    import torch
+
+    from .outputs import save_png
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, dtype)
+    if args.lora is not None:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    if args.offload:
+        if device.type != "cuda":
+            raise UsageError("--offload needs a CUDA GPU")
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    steps = pipe.defaults["steps"] if args.steps is None else args.steps
+    guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "num_images_per_prompt": args.num_images,
+        "temperature": tuple(args.temperature),
+        "masking_schedule": args.schedule,
+        "micro_conditioning_aesthetic_score": args.aesthetic_score,
+    }
+    for number, prompt in enumerate(prompts):
+        first = seed + number * args.num_images
+        seeds = [first + i for i in range(args.num_images)]
+        gen_device = "cpu" if device.type == "mps" else device
+        generators = [torch.Generator(gen_device).manual_seed(s) for s in seeds]
+        images = make(pipe, prompt, generators, options)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for image, image_seed in zip(images, seeds):
+            params = {
+                "prompt": prompt,
+                "negative_prompt": args.negative_prompt,
+                "seed": image_seed,
+                "steps": steps,
+                "guidance_scale": guidance,
+                "width": image.width,
+                "height": image.height,
+                "temperature": list(args.temperature),
+                "schedule": args.schedule or pipe.scheduler.config.masking_schedule,
+                "aesthetic_score": args.aesthetic_score,
+                "model": str(args.model),
+                "lora": None if args.lora is None else str(args.lora),
+                "dtype": str(dtype).removeprefix("torch."),
+                **edit_params,
+                "meissonic_version": version(),
+            }
+            path = save_png(image, args.out, prompt, image_seed, params)
+            print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+
+
+def generate(args: argparse.Namespace) -> int:
+    def make(pipe, prompt, generators, options):
+        width = pipe.defaults["resolution"] if args.width is None else args.width
+        height = pipe.defaults["resolution"] if args.height is None else args.height
+        pipe.check_size(height, width)
+        return pipe(prompt=prompt, height=height, width=width, generator=generators, **options).images
+
+    return run(args, make, {"task": "text-to-image"})
+
+
+def _source(args: argparse.Namespace):
+    """The --image, read and checked before any model is loaded."""
+    from .edit import open_image, to_rgb
+
+    return to_rgb(open_image(args.image))
+
+
+def img2img_command(args: argparse.Namespace) -> int:
+    from .edit import img2img
+
+    if not 0 <= args.strength <= 1:
+        raise UsageError(f"--strength {args.strength}: must be in [0, 1]")
+    image = _source(args)
+
+    def make(pipe, prompt, generators, options):
+        return img2img(pipe, prompt, image, args.strength, width=args.width, height=args.height,
+                       generator=generators, **options).images
+
+    return run(args, make, {"task": "img2img", "source_image": str(args.image), "strength": args.strength})
+
+
+def inpaint_command(args: argparse.Namespace) -> int:
+    from .edit import box_mask, inpaint, read_mask
+
+    image = _source(args)
+    if args.grow < 0:
+        raise UsageError(f"--grow {args.grow}: must be >= 0")
+    if args.box is not None:
+        mask = box_mask(image.size, _ints(args.box, 4, "--box", "x0,y0,x1,y1"))
+    else:
+        mask = read_mask(args.mask, image.size)
+
+    def make(pipe, prompt, generators, options):
+        return inpaint(pipe, prompt, image, mask, grow=args.grow, keep_unmasked=not args.no_composite,
+                       feather=args.feather, width=args.width, height=args.height, generator=generators,
+                       **options).images
+
+    where = {"mask_image": str(args.mask)} if args.box is None else {"box": args.box}
+    return run(args, make, {"task": "inpaint", "source_image": str(args.image), **where, "grow": args.grow,
+                            "composite": not args.no_composite, "feather": args.feather})
+
+
+def outpaint_command(args: argparse.Namespace) -> int:
+    from .edit import outpaint
+
+    image = _source(args)
+    margins = {side: getattr(args, side) for side in ("left", "right", "top", "bottom")}
+    for side, value in margins.items():
+        if value < 0:
+            raise UsageError(f"--{side} {value}: must be >= 0")
+    expand = None if args.expand is None else _ints(args.expand, 2, "--expand", "WIDTHxHEIGHT", sep="x")
+
+    def make(pipe, prompt, generators, options):
+        return outpaint(pipe, prompt, image, **margins, expand=expand, keep_unmasked=not args.no_composite,
+                        feather=args.feather, generator=generators, **options).images
+
+    return run(args, make, {"task": "outpaint", "source_image": str(args.image), **margins,
+                            "expand": args.expand, "composite": not args.no_composite, "feather": args.feather})
+
+
+def _ints(text: str, count: int, flag: str, form: str, sep: str = ",") -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.lower().split(sep))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise UsageError(f"{flag} {text!r}: give {form} as whole numbers")
+    return values
