@@ -66,3 +66,19 @@ def test_encode_prompts_gives_penultimate_states_and_projection():
     out = encoder(tokenize(tokenizer, ["a cat", "a dog"]), output_hidden_states=True)
     assert torch.equal(hidden, out.hidden_states[-2]) and torch.equal(pooled, out.text_embeds)
     assert not torch.equal(hidden, out.last_hidden_state)
+
+
+def test_an_encoder_with_fewer_positions_reads_that_many_tokens():
+    from transformers import CLIPTextConfig
+
+    from meissonic.presets import PRESETS
+    from meissonic.text import text_length
+
+    config = CLIPTextConfig(**PRESETS["demo"].text_encoder)
+    assert config.max_position_embeddings == 32
+    encoder = CLIPTextModelWithProjection(config).eval()
+    assert text_length(encoder) == 32
+    hidden, pooled = encode_prompts(clip_tokenizer(), encoder, ["a small blue triangle above a yellow square", "x"])
+    assert hidden.shape == (2, 32, config.hidden_size) and pooled.shape == (2, config.projection_dim)
+    out = encoder(tokenize(clip_tokenizer(), ["word " * 60], 32))  # cut to 32 with end-of-text last: no error
+    assert out.last_hidden_state.shape[1] == 32

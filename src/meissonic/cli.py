@@ -18,6 +18,7 @@ from pathlib import Path
 from .cli_common import (
     UsageError,
     load_pipeline,
+    reason,
     resolve_device,
     resolve_dtype,
     save_new_folder,
@@ -166,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", type=Path, help="write the scores and per-image verdicts here (must not exist)")
     es.set_defaults(run=eval_shapes)
 
+    ui = verbs.add_parser("ui", help="serve the web app (every task) on a local address")
+    ui.add_argument("--model", default="demo", help="a model folder or hub repo id (default: the shipped demo)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs the internet)")
+    ui.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this are turned away")
+    ui.add_argument("--concurrency", type=int, default=1, help="requests run at once")
+    ui.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    ui.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ui.set_defaults(run=ui_command)
+
     conv = verbs.add_parser("convert", help="write a copy of a model folder with its weights in another precision")
     conv.add_argument("--model", required=True, help="a model folder or hub repo id")
     conv.add_argument("--out", type=Path, required=True, help="new folder to write")
@@ -302,6 +314,29 @@ def eval_shapes(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_report(args.json, result, {k: str(v) for k, v in vars(args).items() if k != "run"})
         print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- ui
+
+
+def ui_command(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be in 1..65535")
+    if args.max_queue < 1 or args.concurrency < 1:
+        raise UsageError("--max-queue and --concurrency must be at least 1")
+    try:
+        from .ui import launch
+    except ImportError as err:
+        raise UsageError(f"the web UI needs gradio: pip install 'meissonic[ui]' ({reason(err)})") from None
+    device = resolve_device(args.device)
+    app, url = launch(args.model, args.host, args.port, args.share, args.max_queue, args.concurrency,
+                      resolve_dtype(args.dtype, device), device, block=False)
+    print(f"meissonic ui: serving {args.model} on {url} (Ctrl+C to stop)", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
     return 0
 
 

@@ -1,0 +1,174 @@
+"""`meissonic ui` in a real browser: Debian's Chromium driven by Playwright, on a tiny model, every tab.
+
+Screenshots go to $MEISSONIC_SCREENSHOTS (default: the test's temporary folder). Without Chromium the browser tests
+skip, unless MEISSONIC_REQUIRE_BROWSER=1 (set by .ci/run, which installs it) makes that a failure.
+"""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio = pytest.importorskip("gradio")
+
+from meissonic.ui import Settings, Studio, UserError, mask_from_editor  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- without a browser
+
+
+def test_mask_from_editor_takes_any_stroke_and_refuses_none():
+    background = Image.new("RGB", (64, 48), "white")
+    layer = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (10, 10, 20, 20))
+    image, mask = mask_from_editor({"background": background, "layers": [layer], "composite": background})
+    assert image is background and mask.sum() == 100 and mask[10:20, 10:20].all()
+    with pytest.raises(UserError, match="Upload an image"):
+        mask_from_editor({"background": None, "layers": [], "composite": None})
+    with pytest.raises(UserError, match="Paint over"):
+        mask_from_editor({"background": background, "layers": [Image.new("RGBA", (64, 48))], "composite": None})
+
+
+def test_studio_reports_bad_input_as_user_errors(tiny_folder):
+    from meissonic import MeissonicPipeline
+
+    pipe = MeissonicPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    studio = Studio(pipe, str(tiny_folder))
+    settings = Settings(randomize=False, seed=3, width=32, height=32, steps=2)
+    with pytest.raises(UserError, match="Enter a prompt"):
+        studio.make("Text to image", "  ", None, None, 0.5, (0, 0, 0, 0), settings)
+    with pytest.raises(UserError, match="Upload an image"):
+        studio.make("Image to image", "x", None, None, 0.5, (0, 0, 0, 0), settings)
+    with pytest.raises(UserError, match="nothing to extend"):
+        studio.make("Outpaint", "x", Image.new("RGB", (32, 32)), None, 0.5, (0, 0, 0, 0), settings)
+    steps = []
+    images, seed = studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0), settings,
+                               on_step=lambda step, total, tokens: steps.append((step, total)))
+    assert seed == 3 and images[0].size == (32, 32) and steps == [(0, 2), (1, 2)]
+
+
+# ---------------------------------------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    from meissonic.ui import launch
+
+    app, url = launch(str(tiny_folder), port=free_port(), block=False, max_queue=4)
+    yield url
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if CHROMIUM is None:
+        if os.environ.get("MEISSONIC_REQUIRE_BROWSER") == "1":
+            pytest.fail("Chromium is not installed (apt-get install chromium)")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("MEISSONIC_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("upload") / "photo.png"
+    y, x = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([x * 4, y * 4, np.full_like(x, 100)], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def wait_for_result(page, task: str, size: tuple[int, int]):
+    """Wait until the task's result is shown; check the image's pixel size; return the info line."""
+    info = page.locator("#info")
+    info.filter(has_text=task).wait_for(timeout=120_000)
+    image = page.locator("#gallery img").first
+    image.wait_for(timeout=10_000)
+    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); return i && i.naturalWidth > 0; }")
+    assert tuple(image.evaluate("i => [i.naturalWidth, i.naturalHeight]")) == size
+    return info.inner_text()
+
+
+def test_text_to_image_tab(page, shots):
+    page.get_by_label("Prompt").first.fill("a red circle on the left")
+    page.locator("#t2i-generate").click()
+    text = wait_for_result(page, "Text to image", (128, 128))  # the tiny model's default size
+    assert "Seed" in text and " s " in text
+    page.screenshot(path=str(shots / "ui-text-to-image.png"), full_page=True)
+
+
+def test_empty_prompt_gets_a_message_in_the_page(page, shots):
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#t2i-prompt textarea").fill("")
+    page.locator("#t2i-generate").click()
+    page.get_by_text("Enter a prompt.").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(shots / "ui-error.png"), full_page=True)
+
+
+def test_image_to_image_tab(page, shots, photo):
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#i2i-image input[type=file]").set_input_files(str(photo))
+    page.locator("#i2i-image img").first.wait_for(timeout=30_000)
+    page.locator("#i2i-prompt textarea").fill("a blue square")
+    page.locator("#i2i-generate").click()
+    wait_for_result(page, "Image to image", (64, 64))
+    page.screenshot(path=str(shots / "ui-image-to-image.png"), full_page=True)
+
+
+def test_inpaint_tab_with_a_brush_stroke(page, shots, photo):
+    page.get_by_role("tab", name="Inpaint").click()
+    editor = page.locator("#inpaint-editor")
+    with page.expect_file_chooser() as chooser:
+        editor.get_by_label("Click to upload or drop files").first.click()
+    chooser.value.set_files(str(photo))
+    page.wait_for_timeout(1500)
+    editor.get_by_label("Brush").first.click()
+    canvas = editor.locator("canvas").last
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 30, cy)
+    page.mouse.down()
+    for step in range(1, 13):
+        page.mouse.move(cx - 30 + 5 * step, cy + step)
+    page.mouse.up()
+    page.locator("#inpaint-prompt textarea").fill("a green star")
+    page.locator("#inpaint-generate").click()
+    wait_for_result(page, "Inpaint", (64, 64))
+    page.screenshot(path=str(shots / "ui-inpaint.png"), full_page=True)
+
+
+def test_outpaint_tab(page, shots, photo):
+    page.get_by_role("tab", name="Outpaint").click()
+    page.locator("#outpaint-image input[type=file]").set_input_files(str(photo))
+    page.locator("#outpaint-image img").first.wait_for(timeout=30_000)
+    page.locator("#outpaint-prompt textarea").fill("a yellow triangle")
+    page.locator("#outpaint-generate").click()
+    wait_for_result(page, "Outpaint", (128, 64))  # 64 pixels added on the right by default
+    page.screenshot(path=str(shots / "ui-outpaint.png"), full_page=True)
