@@ -2,7 +2,7 @@
 # Train the demo model shipped in src/meissonic/assets/demo-model from nothing, with the project's own commands:
 # data -> tokenizer (train-vq) -> transformer + text encoder (train) -> judge (eval shapes) -> fp16 copy.
 #
-#   scripts/make_demo_model.sh [WORK_DIR]      (default ./demo-build; about 85 minutes on 2 CPU cores)
+#   scripts/make_demo_model.sh [WORK_DIR]      (default ./demo-build; about 90 minutes on 2 CPU cores)
 #
 # Each stage is skipped when its output exists and resumes from its last checkpoint when it was interrupted, so
 # running the script again continues where it stopped. Nothing shipped is touched: the result is
@@ -30,7 +30,7 @@ resume() { [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ] && echo "--resume late
 #    ids), from a cache of the images' tokens.
 [ -f "$W/model/model_index.json" ] || $M train --data "$W/data8k.parquet" --out "$W/model" --preset demo \
   --vqvae "$W/vq/vqvae" --train-text-encoder --cache "$W/cache" --resolution 256 \
-  --batch-size 16 --max-steps ${STEPS:-1600} --learning-rate 1e-3 --lr-scheduler cosine --warmup-steps 100 \
+  --batch-size 16 --max-steps ${STEPS:-2400} --learning-rate 1e-3 --lr-scheduler cosine --warmup-steps 100 \
   --weight-decay 0.01 --mixed-precision bf16 --cond-dropout 0.1 \
   --checkpoint-every 250 --log-every 25 $(resume "$W/model")
 

@@ -172,3 +172,29 @@ def test_outpaint_tab(page, shots, photo):
     page.locator("#outpaint-generate").click()
     wait_for_result(page, "Outpaint", (128, 64))  # 64 pixels added on the right by default
     page.screenshot(path=str(shots / "ui-outpaint.png"), full_page=True)
+
+
+def test_a_full_queue_turns_requests_away_with_a_message(tiny_folder):
+    """One request runs, one waits; the rest are told the queue is full. The server stays up."""
+    from gradio_client import Client
+
+    from meissonic.ui import launch
+
+    app, url = launch(str(tiny_folder), port=free_port(), block=False, max_queue=1, concurrency=1)
+    try:
+        client = Client(url, verbose=False)
+        jobs = [client.submit(prompt=f"shape {i}", n_steps=60, randomize_seed=False, api_name="/text_to_image")
+                for i in range(6)]
+        outcomes = []
+        for job in jobs:
+            try:
+                job.result(timeout=300)
+                outcomes.append("done")
+            except Exception as err:  # gradio_client raises its own error types
+                assert "queue is full" in str(err).lower(), err
+                outcomes.append("full")
+        assert outcomes.count("done") >= 2 and outcomes.count("full") >= 1, outcomes
+        images, info = client.predict(prompt="after the rush", n_steps=2, api_name="/text_to_image")
+        assert "Seed" in info  # still serving
+    finally:
+        app.close()

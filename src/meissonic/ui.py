@@ -231,10 +231,11 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
         for button, name, prompt_box in ((t2i_go, TASKS[0], t2i_prompt), (i2i_go, TASKS[1], i2i_prompt),
                                          (inp_go, TASKS[2], inp_prompt), (out_go, TASKS[3], out_prompt)):
             inputs = [gr.State(name), prompt_box, i2i_image, editor, strength, out_image, *margins, *shared]
+            api = name.lower().replace(" ", "_")  # text_to_image, image_to_image, inpaint, outpaint
             button.click(run, inputs=inputs, outputs=[gallery, info], concurrency_limit=concurrency,
-                         concurrency_id="model")
+                         concurrency_id="model", api_name=api)
             prompt_box.submit(run, inputs=inputs, outputs=[gallery, info], concurrency_limit=concurrency,
-                              concurrency_id="model")
+                              concurrency_id="model", api_visibility="private")
     app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
     return app
 
