@@ -172,7 +172,7 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                                                                                         "Bottom")]
                         out_go = gr.Button("Generate", variant="primary", elem_id="outpaint-generate")
                 with gr.Accordion("Advanced settings", open=False):
-                    negative = gr.Textbox(label="Negative prompt")
+                    negative = gr.Textbox(value="", label="Negative prompt")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
                         randomize = gr.Checkbox(value=True, label="Randomise seed")
