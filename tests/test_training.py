@@ -84,6 +84,12 @@ def test_mask_ratios_follow_the_cosine_schedule():
     assert ratios.min() >= 0.1 and ratios.max() <= 1
     # P(cos(pi/2 u) > 0.5) = P(u < 2/3)
     assert abs((ratios > 0.5).float().mean().item() - 2 / 3) < 0.01
+    # power p: P(cos(pi/2 u^p) > 0.95) = P(u < (2/pi acos 0.95)^(1/p)): 20% at p=1, 45% at p=2
+    for power, share in ((1.0, 0.2022), (2.0, 0.4496)):
+        ratios = sample_mask_ratios(100_000, torch.Generator().manual_seed(0), power=power)
+        assert abs((ratios > 0.95).float().mean().item() - share) < 0.01
+    paper = sample_mask_ratios(8, torch.Generator().manual_seed(3))
+    assert torch.equal(paper, sample_mask_ratios(8, torch.Generator().manual_seed(3), power=1.0))
 
 
 def test_condition_dropout_rate_is_what_was_asked():

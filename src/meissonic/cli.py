@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
     tr.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     tr.add_argument("--min-mask-rate", type=float, default=0.0)
+    tr.add_argument("--mask-rate-power", type=float, default=1.0,
+                    help="mask ratio cos(pi/2 u^p): 1 = the paper; > 1 trains more near full masking, where the "
+                         "prompt alone decides (helps a text encoder trained from scratch)")
     tr.add_argument("--cond-dropout", type=float, default=0.1, help="share of samples trained with the empty prompt")
     tr.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters of this rank")
     tr.add_argument("--lora-alpha", type=float)

@@ -17,10 +17,14 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def sample_mask_ratios(batch: int, generator: torch.Generator, min_ratio: float = 0.0) -> torch.Tensor:
-    """(B,) mask ratios from the cosine schedule, at least `min_ratio`."""
+def sample_mask_ratios(batch: int, generator: torch.Generator, min_ratio: float = 0.0,
+                       power: float = 1.0) -> torch.Tensor:
+    """(B,) mask ratios cos(pi/2 * u**power), u ~ U(0, 1), at least `min_ratio`.
+
+    power 1 is the paper's cosine schedule; power > 1 trains more often near full masking, where only the prompt
+    decides what the first sampling steps draw (power 2: 45% of samples above 95% masked instead of 20%)."""
     u = torch.rand(batch, generator=generator)
-    return torch.cos(u * math.pi / 2).clamp(min=min_ratio, max=1.0)
+    return torch.cos(u.pow(power) * math.pi / 2).clamp(min=min_ratio, max=1.0)
 
 
 def mask_tokens(tokens: torch.Tensor, ratios: torch.Tensor, mask_token_id: int, generator: torch.Generator):

@@ -66,6 +66,7 @@ class TrainConfig(RunConfig):
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     min_mask_rate: float = 0.0
+    mask_rate_power: float = 1.0  # > 1: more samples near full masking (see objective.sample_mask_ratios)
     cond_dropout: float = 0.1
     lora_rank: int = 0  # > 0: train LoRA adapters instead of the full transformer
     lora_alpha: float | None = None
@@ -97,6 +98,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--resolution {cfg.resolution}: must be a multiple of 16")
     if not 0 <= cfg.cond_dropout <= 1 or not 0 <= cfg.min_mask_rate <= 1:
         raise TrainingError("--cond-dropout and --min-mask-rate must lie in [0, 1]")
+    if not 0 < cfg.mask_rate_power <= 10:
+        raise TrainingError(f"--mask-rate-power {cfg.mask_rate_power}: must be in (0, 10]")
     if cfg.learning_rate <= 0:
         raise TrainingError(f"--learning-rate {cfg.learning_rate}: must be positive")
     if not 0 <= cfg.ema_decay < 1:
@@ -241,8 +244,8 @@ def train(cfg: TrainConfig) -> Path:
                 pixels, micro_conds, captions = load_images(dataset, indices, cfg.resolution, gen, cfg.center_crop)
                 with torch.no_grad():
                     tokens = encode_image(vqvae, pixels.to(device))
-            inputs, labels, share = mask_tokens(tokens, sample_mask_ratios(len(indices), gen, cfg.min_mask_rate),
-                                                mask_id, gen)
+            ratios = sample_mask_ratios(len(indices), gen, cfg.min_mask_rate, cfg.mask_rate_power)
+            inputs, labels, share = mask_tokens(tokens, ratios, mask_id, gen)
             timestep = mask_rate_timestep(share, convention, pipe.defaults["steps"]).to(device)
             last = micro == cfg.gradient_accumulation - 1
             sync = nullcontext() if last else accelerator.no_sync(transformer)
