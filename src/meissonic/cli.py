@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--concurrency", type=int, default=1, help="requests run at once")
     ui.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     ui.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ui.add_argument("--allow-pickle", action="store_true", help="also load pickle weights (weights_only=True)")
     ui.set_defaults(run=ui_command)
 
     conv = verbs.add_parser("convert", help="write a copy of a model folder with its weights in another precision")
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True, help="new folder to write")
     conv.add_argument("--dtype", required=True, choices=("fp32", "bf16", "fp16"),
                       help="weight precision of the copy (fp16 halves the size; load it with any --dtype)")
+    conv.add_argument("--allow-pickle", action="store_true",
+                      help="read a model whose weights are pickle files (with torch.load(weights_only=True)); the "
+                           "copy is written as safetensors")
     conv.set_defaults(run=convert_model)
 
     init = verbs.add_parser("init", help="write a new model folder with random weights from a preset")
@@ -334,7 +338,7 @@ def ui_command(args: argparse.Namespace) -> int:
         raise UsageError(f"the web UI needs gradio: pip install 'meissonic[ui]' ({reason(err)})") from None
     device = resolve_device(args.device)
     app, url = launch(args.model, args.host, args.port, args.share, args.max_queue, args.concurrency,
-                      resolve_dtype(args.dtype, device), device, block=False)
+                      resolve_dtype(args.dtype, device), device, block=False, allow_pickle=args.allow_pickle)
     print(f"meissonic ui: serving {args.model} on {url} (Ctrl+C to stop)", flush=True)
     try:
         app.block_thread()
@@ -349,7 +353,7 @@ def ui_command(args: argparse.Namespace) -> int:
 def convert_model(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise UsageError(f"--out {str(args.out)!r} exists; choose a new folder")
-    save_new_folder(load_pipeline(args.model, torch_dtype(args.dtype)), args.out)
+    save_new_folder(load_pipeline(args.model, torch_dtype(args.dtype), args.allow_pickle), args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote {args.out} ({args.dtype}, {size / 2**20:.1f} MiB)")
     return 0

@@ -61,12 +61,12 @@ def save_new_folder(pipe, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def load_pipeline(model: str, dtype):
+def load_pipeline(model: str, dtype, allow_pickle: bool = False):
     from .loading import ModelFolderError
     from .pipeline import MeissonicPipeline
 
     try:
-        return MeissonicPipeline.from_pretrained(model, torch_dtype=dtype)
+        return MeissonicPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=allow_pickle)
     except ModelFolderError:
         raise
     except Exception as err:  # a library's error while reading a malformed folder: one line, no traceback

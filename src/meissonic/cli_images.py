@@ -72,6 +72,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="model CPU offload (GPU only): less GPU memory")
     p.add_argument("--lora", type=Path, help="a LoRA adapter folder written by `meissonic train --lora-rank`")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
+    p.add_argument("--allow-pickle", action="store_true", help="also load weights from pickle files (.bin/.pt/"
+                   ".ckpt), read with torch.load(weights_only=True); by default only safetensors are loaded")
 
 
 def _size_options(p: argparse.ArgumentParser, default: str = "the model's") -> None:
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, dtype)
+    pipe = load_pipeline(args.model, dtype, args.allow_pickle)
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     if args.offload:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 REQUIRED = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTS = ("transformer", "vqvae", "text_encoder")  # the components with weight files
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class ModelFolderError(ValueError):
@@ -62,6 +64,24 @@ def check_model_folder(path: Path) -> None:
     missing = [name for name in REQUIRED if not (path / name).is_dir()]
     if missing:
         raise ModelFolderError(f"{str(path)!r} lacks the component folder(s) {', '.join(missing)}")
+
+
+def weights_are_pickle(component: Path, allow_pickle: bool = False) -> bool:
+    """Whether a component folder's weights must be read from pickle files (True) or safetensors (False).
+
+    Pickle files can run arbitrary code when loaded, so a folder that has only those is refused unless
+    `allow_pickle`; the libraries then read them with `torch.load(weights_only=True)`."""
+    files = [f for f in component.iterdir() if f.is_file()] if component.is_dir() else []
+    if any(f.name.endswith(".safetensors") for f in files):
+        return False
+    pickles = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise ModelFolderError(f"{str(component)!r} holds no weights (no .safetensors file)")
+    if not allow_pickle:
+        raise ModelFolderError(f"{str(component)!r} holds only pickle weights ({', '.join(pickles)}), which can run "
+                               "code when loaded; convert them to safetensors, or allow them explicitly "
+                               "(--allow-pickle, allow_pickle=True: read with torch.load(weights_only=True))")
+    return True
 
 
 def _download(repo_id: str, revision: str | None, variant: str | None, hub_options: dict) -> Path:

@@ -18,7 +18,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import __version__
-from .loading import HUB_OPTIONS, ModelFolderError, resolve_model_folder
+from .loading import HUB_OPTIONS, WEIGHTS, ModelFolderError, resolve_model_folder, weights_are_pickle
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -86,9 +86,13 @@ class MeissonicPipeline(DiffusionPipeline):
         torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
         variant: str | None = None,
+        allow_pickle: bool = False,
         **components,
     ) -> MeissonicPipeline:
         """Load a folder (or Hugging Face repo id) in the released layout.
+
+        Weights are read from safetensors; a component with only pickle files (`.bin`, `.pt`, `.ckpt`) is refused
+        unless `allow_pickle=True`, and then read with `torch.load(weights_only=True)`. No code from the folder runs.
 
         `variant="fp16"` picks the released half-precision files; `cache_dir`, `token`, `local_files_only` and
         `force_download` go to the hub download. A component passed by name replaces the folder's,
@@ -101,18 +105,21 @@ class MeissonicPipeline(DiffusionPipeline):
                              f"hub options {', '.join(HUB_OPTIONS)}")
         folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision, variant=variant, **hub)
         index = json.loads((folder / "model_index.json").read_text())
-        weights = {"use_safetensors": True, "variant": variant}
+        # safetensors only, unless the caller allows a component's pickle files (read with weights_only=True)
+        weights = {name: {"use_safetensors": not weights_are_pickle(folder / name, allow_pickle), "variant": variant}
+                   for name in WEIGHTS if name not in components}
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
 
         def text_encoder():
-            model = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **weights)
+            model = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **weights["text_encoder"])
             return model.to(torch_dtype) if torch_dtype is not None else model
 
         loaders = {
-            "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights, **dtype_kw),
+            "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights["vqvae"], **dtype_kw),
             "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
             "text_encoder": text_encoder,
-            "transformer": lambda: MeissonicTransformer.from_pretrained(folder / "transformer", **weights, **dtype_kw),
+            "transformer": lambda: MeissonicTransformer.from_pretrained(folder / "transformer",
+                                                                        **weights["transformer"], **dtype_kw),
             "scheduler": lambda: MeissonicScheduler.from_pretrained(folder / "scheduler"),
         }
         parts = {name: components[name] if name in components else load() for name, load in loaders.items()}

@@ -241,11 +241,12 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
 
 
 def launch(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, max_queue: int = 16,
-           concurrency: int = 1, dtype=None, device=None, block: bool = True, max_file_size: str = "20mb"):
+           concurrency: int = 1, dtype=None, device=None, block: bool = True, max_file_size: str = "20mb",
+           allow_pickle: bool = False):
     """Load the model once and serve the app; returns (app, local URL)."""
     from .cli_common import load_pipeline
 
-    pipe = load_pipeline(model, dtype)
+    pipe = load_pipeline(model, dtype, allow_pickle)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
