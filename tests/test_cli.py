@@ -119,7 +119,7 @@ def test_bad_model_folders(capsys, tiny_folder, tmp_path):
     code, _, err = run(capsys, "generate", "x", "--model", tmp_path / "missing", "--out", tmp_path / "o")
     assert code == 2 and "does not exist" in err
     code, _, err = run(capsys, "generate", "x", "--model", _bad_model(tmp_path, tiny_folder), "--out", tmp_path / "o")
-    assert code == 2 and "cannot load model" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "config.json' cannot be read" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "generate", "x", "--model", tmp_path, "--out", tmp_path / "o")
     assert code == 2 and "no model_index.json" in err
 

@@ -82,3 +82,37 @@ def test_convert_turns_pickle_weights_into_safetensors(capsys, tiny_folder, tmp_
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(out.rglob("*.bin"))
     MeissonicPipeline.from_pretrained(out)  # loads with the default: safetensors only
+
+
+def _edit_config(folder, part, **changes):
+    import json
+
+    path = folder / part / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "part, changes, message",
+    [
+        ("transformer", {"codebook_size": 50}, "config field codebook_size"),
+        ("transformer", {"vocab_size": 99}, "config field vocab_size"),
+        ("transformer", {"num_layers": 3}, "config field num_layers"),
+        ("transformer", {"mystery_knob": 1}, "unknown field(s) mystery_knob"),
+        ("vqvae", {"num_vq_embeddings": 128}, "config field num_vq_embeddings"),
+        ("text_encoder", {"projection_dim": 16}, "config field projection_dim"),
+        ("transformer", {"pooled_projection_dim": 7}, "pooled_projection_dim=7 must equal"),
+    ],
+)
+def test_configs_that_contradict_their_weights_are_refused_before_loading(tiny_folder, tmp_path, part, changes,
+                                                                          message):
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_folder, folder)
+    _edit_config(folder, part, **changes)
+    with pytest.raises(ModelFolderError) as refused:
+        MeissonicPipeline.from_pretrained(folder)
+    assert message in str(refused.value)
+    # raised by the checks that read only config.json and the safetensors header (meta-device model), never by a
+    # library while loading weights
+    assert str(refused.value).startswith((f"{part}: ", f"{part}/config.json", repr(str(folder / part / "config.json"))))

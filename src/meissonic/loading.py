@@ -104,3 +104,80 @@ def _download(repo_id: str, revision: str | None, variant: str | None, hub_optio
         raise ModelFolderError(f"{repo_id!r} is neither an existing folder nor a valid hub repo id") from None
     except Exception as err:  # offline, unknown repo, no access: one clear line
         raise ModelFolderError(f"could not fetch {repo_id!r} from the hub ({type(err).__name__}: {err})") from None
+
+
+# ---------------------------------------------------------------------------------------------- configs vs weights
+
+# tensor -> the config field that sets its shape, to name the field when a folder contradicts itself
+SHAPE_FIELDS = {
+    "transformer": {"embed.embeddings.weight": "vocab_size", "mlm_layer.conv2.weight": "codebook_size",
+                    "context_embedder.weight": "joint_attention_dim",
+                    "time_text_embed.text_embedder.linear_1.weight": "pooled_projection_dim",
+                    "transformer_blocks.": "num_layers", "single_transformer_blocks.": "num_single_layers",
+                    "down_block.": "downsample", "up_block.": "upsample"},
+    "vqvae": {"quantize.embedding.weight": "num_vq_embeddings", "quant_conv.weight": "latent_channels"},
+    "text_encoder": {"text_model.embeddings.token_embedding.weight": "vocab_size",
+                     "text_model.embeddings.position_embedding.weight": "max_position_embeddings",
+                     "text_projection.weight": "projection_dim", "text_model.encoder.layers.": "num_hidden_layers"},
+}
+
+
+def _field(component: str, tensor: str) -> str:
+    for prefix, field in SHAPE_FIELDS.get(component, {}).items():
+        if tensor.startswith(prefix):
+            return f" (config field {field})"
+    return ""
+
+
+def check_config_matches_weights(component: Path, build, variant: str | None = None) -> None:
+    """Refuse a component whose config contradicts its safetensors weights, naming the field, before any weight is
+    read: `build()` makes the model from its config on the meta device (no memory), the file header gives the
+    saved shapes. Unknown or missing tensors are named too."""
+    import torch
+    from safetensors import safe_open
+
+    files = [f for f in sorted(component.glob("*.safetensors"))  # this variant's files (sharded or not)
+             if (f".{variant}." in f.name if variant else f.name.count(".") == 1)]
+    if not files:
+        return  # pickle weights (allowed explicitly): the library's own checks apply
+    saved = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                saved.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except Exception as err:  # a truncated or non-safetensors file
+            raise ModelFolderError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
+    with torch.device("meta"):
+        try:
+            model = build()
+        except (ValueError, TypeError) as err:
+            raise ModelFolderError(f"{str(component / 'config.json')!r}: {err}") from None
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    part = component.name
+    for key, shape in expected.items():
+        if key in saved and saved[key] != shape:
+            raise ModelFolderError(f"{part}: config.json contradicts the weights{_field(part, key)}: {key} is "
+                                   f"{saved[key]} in {files[0].name} but the config makes it {shape}")
+    missing, unknown = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing:
+        raise ModelFolderError(f"{part}: the weights lack {len(missing)} tensor(s) the config needs"
+                               f"{_field(part, missing[0])}, e.g. {missing[0]}")
+    if unknown:
+        raise ModelFolderError(f"{part}: the weights hold {len(unknown)} tensor(s) the config has no place for"
+                               f"{_field(part, unknown[0])}, e.g. {unknown[0]}")
+
+
+def check_config_fields(component: Path, accepted: set[str]) -> dict:
+    """The component's config.json, refused if it has a field the model does not know (fields starting with _
+    are metadata)."""
+    try:
+        config = json.loads((component / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{str(component / 'config.json')!r} cannot be read ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{str(component / 'config.json')!r} is not a JSON object")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in accepted)
+    if unknown:
+        raise ModelFolderError(f"{component.name}/config.json has unknown field(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(accepted))}")
+    return config

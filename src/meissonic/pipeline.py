@@ -18,7 +18,15 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import __version__
-from .loading import HUB_OPTIONS, WEIGHTS, ModelFolderError, resolve_model_folder, weights_are_pickle
+from .loading import (
+    HUB_OPTIONS,
+    WEIGHTS,
+    ModelFolderError,
+    check_config_fields,
+    check_config_matches_weights,
+    resolve_model_folder,
+    weights_are_pickle,
+)
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -108,6 +116,7 @@ class MeissonicPipeline(DiffusionPipeline):
         # safetensors only, unless the caller allows a component's pickle files (read with weights_only=True)
         weights = {name: {"use_safetensors": not weights_are_pickle(folder / name, allow_pickle), "variant": variant}
                    for name in WEIGHTS if name not in components}
+        _check_before_loading(folder, weights, variant)
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
 
         def text_encoder():
@@ -341,6 +350,25 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents.shape[0] not in (1, batch):
             raise ValueError(f"latents hold {latents.shape[0]} grids for {batch} images")
         return latents.expand(batch, -1, -1).clone()
+
+
+def _check_before_loading(folder: Path, weights: dict, variant: str | None) -> None:
+    """Refuse unknown transformer config fields and configs that contradict their weights, before allocating."""
+    import inspect
+
+    from transformers import CLIPTextConfig
+
+    builders = {
+        "transformer": lambda: MeissonicTransformer.from_config(config),
+        "vqvae": lambda: VQModel.from_config(VQModel.load_config(str(folder / "vqvae"))),
+        "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+    }
+    if "transformer" in weights:
+        accepted = set(inspect.signature(MeissonicTransformer.__init__).parameters) - {"self"}
+        config = check_config_fields(folder / "transformer", accepted)
+    for name, options in weights.items():
+        if options["use_safetensors"]:
+            check_config_matches_weights(folder / name, builders[name], variant)
 
 
 def _sampling_defaults(transformer: MeissonicTransformer, saved: dict | None) -> dict:
