@@ -116,8 +116,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps {args.steps}: must be at least 1")
     if args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images}: must be at least 1")
-    if args.guidance is not None and args.guidance < 0:
-        raise UsageError(f"--guidance {args.guidance}: must be >= 0")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise UsageError(f"--guidance {args.guidance}: must be a finite number >= 0")
     for name in ("width", "height"):
         value = getattr(args, name, None)
         if value is not None and (value < 16 or value % 16):

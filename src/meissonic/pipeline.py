@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -230,6 +231,8 @@ class MeissonicPipeline(DiffusionPipeline):
         width = self.defaults["resolution"] if width is None else width
         num_inference_steps = self.defaults["steps"] if num_inference_steps is None else num_inference_steps
         guidance_scale = self.defaults["guidance"] if guidance_scale is None else guidance_scale
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
