@@ -199,3 +199,51 @@ def test_a_full_queue_turns_requests_away_with_a_message(tiny_folder):
         assert "Seed" in info  # still serving
     finally:
         app.close()
+
+
+@pytest.mark.slow
+def test_load_50_requests_from_10_clients(tiny_folder):
+    """Every request completes or is told the queue is full; the server stays up; memory returns to its baseline."""
+    import gc
+    import threading
+
+    import psutil
+    from gradio_client import Client
+
+    from meissonic.ui import launch
+
+    app, url = launch(str(tiny_folder), port=free_port(), block=False, max_queue=8, concurrency=1)
+    none = {"i2i_img": None, "editor_value": None, "out_img": None}
+    process = psutil.Process()
+    try:
+        Client(url, verbose=False).predict(prompt="warm up", n_steps=2, api_name="/text_to_image", **none)
+        gc.collect()
+        baseline = process.memory_info().rss
+        outcomes, lock = [], threading.Lock()
+
+        def client(number):
+            c = Client(url, verbose=False)
+            for i in range(5):
+                try:
+                    c.predict(prompt=f"client {number} request {i}", n_steps=4, api_name="/text_to_image", **none)
+                    result = "done"
+                except Exception as err:
+                    result = "full" if "queue is full" in str(err).lower() else f"error: {err}"
+                with lock:
+                    outcomes.append(result)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert len(outcomes) == 50 and set(outcomes) <= {"done", "full"}, outcomes
+        assert outcomes.count("done") >= 10
+        _, info = Client(url, verbose=False).predict(prompt="still up", n_steps=2, api_name="/text_to_image", **none)
+        assert "Seed" in info
+        gc.collect()
+        grown = (process.memory_info().rss - baseline) / 2**20
+        print(f"\nload: {outcomes.count('done')} done, {outcomes.count('full')} queue full; RSS +{grown:.0f} MiB")
+        assert grown < 200, f"memory grew by {grown:.0f} MiB"
+    finally:
+        app.close()

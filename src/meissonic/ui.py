@@ -143,7 +143,8 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
     f, side, default = pipe.vae_scale_factor, pipe.max_side, pipe.defaults["resolution"]
     examples = SHAPES_EXAMPLES if studio.model_name == "demo" else GENERAL_EXAMPLES
 
-    with gr.Blocks(title="Meissonic", analytics_enabled=False) as app:
+    # uploads and results older than an hour are deleted every hour (and all of them when the server stops)
+    with gr.Blocks(title="Meissonic", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## Meissonic\nModel: `{studio.model_name}` ({default} px, {pipe.defaults['steps']} steps)")
         with gr.Row():
             with gr.Column(scale=1):
