@@ -133,7 +133,7 @@ def image_files(draw):
         buffer = io.BytesIO()
         picture.convert("RGB").save(buffer, format=fmt)
     data = buffer.getvalue()
-    damage = draw(st.sampled_from(["none", "truncate", "flip", "random", "empty"]))
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "random", "empty", "huge"]))
     if damage == "truncate":
         data = data[: draw(st.integers(0, max(0, len(data) - 1)))]
     elif damage == "flip":
@@ -143,7 +143,27 @@ def image_files(draw):
         data = draw(st.binary(max_size=300))
     elif damage == "empty":
         data = b""
+    elif damage == "huge":  # a PNG header claiming 60000 x 60000 pixels (a decompression bomb)
+        data = huge_png(draw(st.integers(20_000, 60_000)))
     return data
+
+
+def huge_png(side: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(huge_png(60_000))
+    with pytest.raises(EditError, match="cannot read image"):
+        open_image(path)
 
 
 @FUZZ

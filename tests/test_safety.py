@@ -100,6 +100,7 @@ def _edit_config(folder, part, **changes):
         ("transformer", {"vocab_size": 99}, "config field vocab_size"),
         ("transformer", {"num_layers": 3}, "config field num_layers"),
         ("transformer", {"mystery_knob": 1}, "unknown field(s) mystery_knob"),
+        ("vqvae", {"use_magic": True}, "unknown field(s) use_magic"),
         ("vqvae", {"num_vq_embeddings": 128}, "config field num_vq_embeddings"),
         ("text_encoder", {"projection_dim": 16}, "config field projection_dim"),
         ("transformer", {"pooled_projection_dim": 7}, "pooled_projection_dim=7 must equal"),

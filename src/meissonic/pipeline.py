@@ -356,7 +356,7 @@ class MeissonicPipeline(DiffusionPipeline):
 
 
 def _check_before_loading(folder: Path, weights: dict, variant: str | None) -> None:
-    """Refuse unknown transformer config fields and configs that contradict their weights, before allocating."""
+    """Refuse unknown transformer/vqvae config fields and configs that contradict their weights, before allocating."""
     import inspect
 
     from transformers import CLIPTextConfig
@@ -369,6 +369,8 @@ def _check_before_loading(folder: Path, weights: dict, variant: str | None) -> N
     if "transformer" in weights:
         accepted = set(inspect.signature(MeissonicTransformer.__init__).parameters) - {"self"}
         config = check_config_fields(folder / "transformer", accepted)
+    if "vqvae" in weights:  # the text encoder's config is transformers' own, with many optional fields: not checked
+        check_config_fields(folder / "vqvae", set(inspect.signature(VQModel.__init__).parameters) - {"self"})
     for name, options in weights.items():
         if options["use_safetensors"]:
             check_config_matches_weights(folder / name, builders[name], variant)
