@@ -5,6 +5,7 @@ skip, unless MEISSONIC_REQUIRE_BROWSER=1 (set by .ci/run, which installs it) mak
 """
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -143,12 +144,17 @@ def test_image_to_image_tab(page, shots, photo):
 
 
 def test_inpaint_tab_with_a_brush_stroke(page, shots, photo):
+    from playwright.sync_api import expect
+
     page.get_by_role("tab", name="Inpaint").click()
     editor = page.locator("#inpaint-editor")
+    zoom = editor.get_by_text(re.compile(r"^\d+%$")).first  # the canvas zoom: changes once the image is in
+    empty_canvas = zoom.inner_text()
     with page.expect_file_chooser() as chooser:
         editor.get_by_label("Click to upload or drop files").first.click()
     chooser.value.set_files(str(photo))
-    page.wait_for_timeout(1500)
+    expect(zoom).not_to_have_text(empty_canvas, timeout=60_000)
+    page.wait_for_timeout(500)
     editor.get_by_label("Brush").first.click()
     canvas = editor.locator("canvas").last
     box = canvas.bounding_box()
@@ -158,6 +164,7 @@ def test_inpaint_tab_with_a_brush_stroke(page, shots, photo):
     for step in range(1, 13):
         page.mouse.move(cx - 30 + 5 * step, cy + step)
     page.mouse.up()
+    page.wait_for_timeout(500)  # let the editor commit the stroke to its layer
     page.locator("#inpaint-prompt textarea").fill("a green star")
     page.locator("#inpaint-generate").click()
     wait_for_result(page, "Inpaint", (64, 64))
