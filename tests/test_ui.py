@@ -23,6 +23,9 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+NO_IMAGES = {"i2i_img": None, "editor_value": None, "out_img": None}  # the image tabs' inputs, in API calls
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,7 +115,8 @@ def wait_for_result(page, task: str, size: tuple[int, int]):
     info.filter(has_text=task).wait_for(timeout=120_000)
     image = page.locator("#gallery img").first
     image.wait_for(timeout=10_000)
-    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); return i && i.naturalWidth > 0; }")
+    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); "
+                           "return i && i.naturalWidth > 0; }")
     assert tuple(image.evaluate("i => [i.naturalWidth, i.naturalHeight]")) == size
     return info.inner_text()
 
@@ -133,14 +137,19 @@ def test_empty_prompt_gets_a_message_in_the_page(page, shots):
     page.screenshot(path=str(shots / "ui-error.png"), full_page=True)
 
 
+def upload_and_generate(page, shots, photo, task: str, prefix: str, prompt: str, size: tuple[int, int]):
+    """On the tab `task`: upload `photo` into #{prefix}-image, type the prompt, generate, check the result's size."""
+    page.get_by_role("tab", name=task).click()
+    page.locator(f"#{prefix}-image input[type=file]").set_input_files(str(photo))
+    page.locator(f"#{prefix}-image img").first.wait_for(timeout=30_000)
+    page.locator(f"#{prefix}-prompt textarea").fill(prompt)
+    page.locator(f"#{prefix}-generate").click()
+    wait_for_result(page, task, size)
+    page.screenshot(path=str(shots / f"ui-{task.lower().replace(' ', '-')}.png"), full_page=True)
+
+
 def test_image_to_image_tab(page, shots, photo):
-    page.get_by_role("tab", name="Image to image").click()
-    page.locator("#i2i-image input[type=file]").set_input_files(str(photo))
-    page.locator("#i2i-image img").first.wait_for(timeout=30_000)
-    page.locator("#i2i-prompt textarea").fill("a blue square")
-    page.locator("#i2i-generate").click()
-    wait_for_result(page, "Image to image", (64, 64))
-    page.screenshot(path=str(shots / "ui-image-to-image.png"), full_page=True)
+    upload_and_generate(page, shots, photo, "Image to image", "i2i", "a blue square", (64, 64))
 
 
 def test_inpaint_tab_with_a_brush_stroke(page, shots, photo):
@@ -171,14 +180,8 @@ def test_inpaint_tab_with_a_brush_stroke(page, shots, photo):
     page.screenshot(path=str(shots / "ui-inpaint.png"), full_page=True)
 
 
-def test_outpaint_tab(page, shots, photo):
-    page.get_by_role("tab", name="Outpaint").click()
-    page.locator("#outpaint-image input[type=file]").set_input_files(str(photo))
-    page.locator("#outpaint-image img").first.wait_for(timeout=30_000)
-    page.locator("#outpaint-prompt textarea").fill("a yellow triangle")
-    page.locator("#outpaint-generate").click()
-    wait_for_result(page, "Outpaint", (128, 64))  # 64 pixels added on the right by default
-    page.screenshot(path=str(shots / "ui-outpaint.png"), full_page=True)
+def test_outpaint_tab(page, shots, photo):  # 64 pixels added on the right by default
+    upload_and_generate(page, shots, photo, "Outpaint", "outpaint", "a yellow triangle", (128, 64))
 
 
 def test_a_full_queue_turns_requests_away_with_a_message(tiny_folder):
@@ -190,9 +193,8 @@ def test_a_full_queue_turns_requests_away_with_a_message(tiny_folder):
     app, url = launch(str(tiny_folder), port=free_port(), block=False, max_queue=1, concurrency=1)
     try:
         client = Client(url, verbose=False)
-        none = {"i2i_img": None, "editor_value": None, "out_img": None}  # the other tabs' images
         jobs = [client.submit(prompt=f"shape {i}", n_steps=20, randomize_seed=False, api_name="/text_to_image",
-                              **none) for i in range(6)]
+                              **NO_IMAGES) for i in range(6)]
         outcomes = []
         for job in jobs:
             try:
@@ -202,7 +204,7 @@ def test_a_full_queue_turns_requests_away_with_a_message(tiny_folder):
                 assert "queue is full" in str(err).lower(), err
                 outcomes.append("full")
         assert outcomes.count("done") >= 2 and outcomes.count("full") >= 1, outcomes
-        images, info = client.predict(prompt="after the rush", n_steps=2, api_name="/text_to_image", **none)
+        images, info = client.predict(prompt="after the rush", n_steps=2, api_name="/text_to_image", **NO_IMAGES)
         assert "Seed" in info  # still serving
     finally:
         app.close()
@@ -241,11 +243,10 @@ def test_load_50_requests_from_10_clients(tiny_folder):
     port = free_port()
     server = serve(tiny_folder, port, "--max-queue", "8")
     url = f"http://127.0.0.1:{port}/"
-    none = {"i2i_img": None, "editor_value": None, "out_img": None}
     memory = psutil.Process(server.pid)
     try:
         for _ in range(3):  # warm up: first requests allocate the model's working memory
-            Client(url, verbose=False).predict(prompt="warm up", n_steps=4, api_name="/text_to_image", **none)
+            Client(url, verbose=False).predict(prompt="warm up", n_steps=4, api_name="/text_to_image", **NO_IMAGES)
         baseline = memory.memory_info().rss
         outcomes, lock = [], threading.Lock()
 
@@ -253,7 +254,7 @@ def test_load_50_requests_from_10_clients(tiny_folder):
             c = Client(url, verbose=False)
             for i in range(5):
                 try:
-                    c.predict(prompt=f"client {number} request {i}", n_steps=4, api_name="/text_to_image", **none)
+                    c.predict(prompt=f"client {number} request {i}", n_steps=4, api_name="/text_to_image", **NO_IMAGES)
                     result = "done"
                 except Exception as err:
                     result = "full" if "queue is full" in str(err).lower() else f"error: {err}"
@@ -269,7 +270,7 @@ def test_load_50_requests_from_10_clients(tiny_folder):
                 t.join(timeout=600)
             assert len(outcomes) == 50 and set(outcomes) <= {"done", "full"}, outcomes
             assert outcomes.count("done") >= 10 and server.poll() is None
-            _, info = Client(url, verbose=False).predict(prompt="up", n_steps=4, api_name="/text_to_image", **none)
+            _, info = Client(url, verbose=False).predict(prompt="up", n_steps=4, api_name="/text_to_image", **NO_IMAGES)
             assert "Seed" in info
             return memory.memory_info().rss
 

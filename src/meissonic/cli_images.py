@@ -198,10 +198,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     def make(pipe, prompt, generators, options):
-        width = pipe.defaults["resolution"] if args.width is None else args.width
-        height = pipe.defaults["resolution"] if args.height is None else args.height
-        pipe.check_size(height, width)
-        return pipe(prompt=prompt, height=height, width=width, generator=generators, **options).images
+        return pipe(prompt=prompt, height=args.height, width=args.width, generator=generators, **options).images
 
     return run(args, make, {"task": "text-to-image"})
 

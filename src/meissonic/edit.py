@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from .pipeline import prompt_list
 from .vq import decode_tokens, encode_image
 
 ImageInput = str | Path | Image.Image
@@ -165,7 +166,7 @@ def remask_random(tokens: torch.Tensor, strength: float, mask_id: int, generator
 
 
 def edit_steps(steps: int, share: float) -> int:
-    """Sampling steps for an edit that regenerates `share` of the tokens (as diffusers' img2img): ceil(steps * share)."""
+    """Sampling steps for an edit that redraws `share` of the tokens (as diffusers' img2img): ceil(steps * share)."""
     return max(1, math.ceil(steps * share))
 
 
@@ -212,13 +213,6 @@ def _generators(generator, count: int) -> list[torch.Generator]:
     return generator
 
 
-def _prompts(prompt: str | list[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise EditError(f"prompt={prompt!r} must be a string or a non-empty list of strings")
-    return prompts
-
-
 def _sample(pipe, prompts, grid, generators, steps, kwargs) -> tuple[list[Image.Image], torch.Tensor]:
     """Run the pipeline from `grid` (B, h, w); returns the decoded images and the final tokens."""
     tokens = pipe(prompt=prompts, latents=grid, num_images_per_prompt=grid.shape[0] // len(prompts),
@@ -238,7 +232,7 @@ def img2img(pipe, prompt: str | list[str], image: ImageInput, strength: float = 
     """
     if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise EditError(f"strength={strength!r} must be a number in [0, 1]")
-    prompts = _prompts(prompt)
+    prompts = prompt_list(prompt, EditError)
     source = to_rgb(open_image(image))
     size = _size(pipe, source, width, height)
     batch = len(prompts) * num_images_per_prompt
@@ -270,8 +264,8 @@ def inpaint(pipe, prompt: str | list[str], image: ImageInput, mask_image: ImageI
     if size != source.size:  # the model works at `size`; the composited result comes back at the input's size
         source = source.resize(size, Image.LANCZOS)
         mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-    return _repaint(pipe, _prompts(prompt), source, mask, grow, keep_unmasked, feather, num_inference_steps,
-                    num_images_per_prompt, generator, kwargs, original)
+    return _repaint(pipe, prompt_list(prompt, EditError), source, mask, grow, keep_unmasked, feather,
+                    num_inference_steps, num_images_per_prompt, generator, kwargs, original)
 
 
 def outpaint(pipe, prompt: str | list[str], image: ImageInput, left: int = 0, right: int = 0, top: int = 0,
@@ -306,8 +300,8 @@ def outpaint(pipe, prompt: str | list[str], image: ImageInput, left: int = 0, ri
     canvas.paste(source, (left, top))
     mask = np.ones((height, width), dtype=bool)
     mask[top:top + source.height, left:left + source.width] = False
-    return _repaint(pipe, _prompts(prompt), canvas, mask, 0, keep_unmasked, feather, num_inference_steps,
-                    num_images_per_prompt, generator, kwargs)
+    return _repaint(pipe, prompt_list(prompt, EditError), canvas, mask, 0, keep_unmasked, feather,
+                    num_inference_steps, num_images_per_prompt, generator, kwargs)
 
 
 def _repaint(pipe, prompts, source, mask, grow, keep_unmasked, feather, steps, num_images, generator, kwargs,

@@ -325,10 +325,7 @@ class MeissonicPipeline(DiffusionPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of prompt or prompt_embeds")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts or not all(isinstance(p, str) for p in prompts):
-                raise ValueError(f"prompt={prompt!r} must be a string or a non-empty list of strings")
-            prompt_embeds, encoder_hidden_states = self.encode_prompt(prompts, device)
+            prompt_embeds, encoder_hidden_states = self.encode_prompt(prompt_list(prompt), device)
         n_prompts = prompt_embeds.shape[0]
         pooled = prompt_embeds.to(device).repeat(num_images, 1)  # (B, P) ordered as the reference: all prompts, again
         hidden = encoder_hidden_states.to(device).repeat(num_images, 1, 1)  # (B, 77, C)
@@ -353,6 +350,14 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents.shape[0] not in (1, batch):
             raise ValueError(f"latents hold {latents.shape[0]} grids for {batch} images")
         return latents.expand(batch, -1, -1).clone()
+
+
+def prompt_list(prompt: str | list[str], error: type[ValueError] = ValueError) -> list[str]:
+    """A prompt or a list of them -> a non-empty list of strings, else `error` naming the value."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise error(f"prompt={prompt!r} must be a string or a non-empty list of strings")
+    return prompts
 
 
 def _check_before_loading(folder: Path, weights: dict, variant: str | None) -> None:

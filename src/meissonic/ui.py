@@ -119,7 +119,6 @@ class Studio:
         try:
             with self.lock:
                 if task == "Text to image":
-                    self.pipe.check_size(settings.height, settings.width)
                     images = self.pipe(prompt=prompt, height=settings.height, width=settings.width, **options).images
                 elif task == "Image to image":
                     images = img2img(self.pipe, prompt, image, strength, **options).images
