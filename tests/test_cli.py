@@ -161,3 +161,10 @@ def test_console_script_fails_cleanly(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_ui_without_gradio_says_how_to_install_it(capsys, tiny_folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
+    monkeypatch.delitem(sys.modules, "meissonic.ui", raising=False)
+    code, _, err = run(capsys, "ui", "--model", tiny_folder)
+    assert code == 2 and "pip install 'meissonic[ui]'" in err and len(err.strip().splitlines()) == 1

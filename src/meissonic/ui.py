@@ -18,6 +18,7 @@ from dataclasses import dataclass
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -136,8 +137,6 @@ class Studio:
 
 def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
     """The Blocks app: four tabs, shared advanced settings, a gallery, the seed and time taken."""
-    import gradio as gr
-
     pipe = studio.pipe
     f, side, default = pipe.vae_scale_factor, pipe.max_side, pipe.defaults["resolution"]
     examples = SHAPES_EXAMPLES if studio.model_name == "demo" else GENERAL_EXAMPLES
