@@ -186,15 +186,27 @@ def test_outpaint_tab(page, shots, photo):  # 64 pixels added on the right by de
 
 def test_a_full_queue_turns_requests_away_with_a_message(tiny_folder):
     """One request runs, one waits; the rest are told the queue is full. The server stays up."""
+    import time
+
     from gradio_client import Client
+    from gradio_client.utils import Status
 
     from meissonic.ui import launch
 
     app, url = launch(str(tiny_folder), port=free_port(), block=False, max_queue=1, concurrency=1)
     try:
         client = Client(url, verbose=False)
-        jobs = [client.submit(prompt=f"shape {i}", n_steps=20, randomize_seed=False, api_name="/text_to_image",
-                              **NO_IMAGES) for i in range(6)]
+
+        def submit(i):
+            return client.submit(prompt=f"shape {i}", n_steps=20, randomize_seed=False, api_name="/text_to_image",
+                                 **NO_IMAGES)
+
+        first = submit(0)  # wait until it runs, so exactly one place is left in the queue
+        deadline = time.monotonic() + 120
+        while first.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.ITERATING, Status.FINISHED):
+            assert time.monotonic() < deadline, first.status()
+            time.sleep(0.05)
+        jobs = [first] + [submit(i) for i in range(1, 6)]
         outcomes = []
         for job in jobs:
             try:
