@@ -287,6 +287,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     (["--cond-dropout", "2"], "--cond-dropout and --min-mask-rate must lie in [0, 1]"),
     (["--preset", "huge"], "preset 'huge' is not one of"),
     (["--caption-column", "text"], "has no column 'text'"),
+    (["--text-encoder-lr", "1e-4"], "--text-encoder-lr goes with --train-text-encoder"),
+    (["--train-text-encoder", "--text-encoder-lr", "0"], "--text-encoder-lr 0.0: must be positive"),
 ])
 def test_bad_train_options_exit_2(capsys, parquet, tmp_path, extra, message):
     argv = ["train", "--data", str(parquet), "--out", str(tmp_path / "o"), "--preset", "tiny", "--max-steps", "1",
@@ -400,3 +402,21 @@ def test_ema_covers_a_trained_text_encoder(parquet, tmp_path):
     moved = [k for k in raw if not torch.equal(raw[k], start[k])]
     assert moved
     assert all(not torch.equal(final[k], raw[k]) and not torch.equal(final[k], start[k]) for k in moved)
+
+
+def test_text_encoder_lr_sets_how_fast_the_text_encoder_moves(parquet, tmp_path):
+    """Its own learning rate: at 1e-9 the text encoder stays put while the transformer (3e-3) moves."""
+    from meissonic.presets import build_pipeline
+
+    start = build_pipeline("tiny", seed=0)
+    out = tmp_path / "slow-text"
+    train(config(parquet, out, max_steps=3, checkpoint_every=3, train_text_encoder=True, text_encoder_lr=1e-9))
+    ckpt = out / "checkpoints" / "checkpoint-3"
+    text = load_file(ckpt / "text_encoder.safetensors")
+    text_start = start.text_encoder.state_dict()
+    assert max((text[k].float() - text_start[k].float()).abs().max().item() for k in text) < 1e-6
+    moved = load_file(ckpt / "transformer.safetensors")
+    begun = start.transformer.state_dict()
+    assert max((moved[k].float() - begun[k].float()).abs().max().item() for k in moved) > 1e-3
+    groups = torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [3e-3, 1e-9]

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters of this rank")
     tr.add_argument("--lora-alpha", type=float)
     tr.add_argument("--train-text-encoder", action="store_true", help="train the whole text encoder too")
+    tr.add_argument("--text-encoder-lr", type=float,
+                    help="the text encoder's learning rate (default: --learning-rate); lower keeps a text encoder "
+                         "trained from scratch from collapsing into a constant")
     tr.add_argument("--text-encoder-lora-rank", type=int, default=0, help="with --lora-rank: LoRA on the text encoder")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--ema-decay", type=float, default=0.0, help="> 0: keep EMA weights (e.g. 0.999)")

@@ -72,6 +72,7 @@ class TrainConfig(RunConfig):
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # the text encoder's own learning rate (default: learning_rate)
     text_encoder_lora_rank: int = 0  # > 0 (with lora_rank): LoRA adapters on the text encoder too
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, used for validation and the final model
@@ -106,6 +107,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--ema-decay {cfg.ema_decay}: must lie in [0, 1)")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
+    if cfg.text_encoder_lr is not None and not cfg.text_encoder_lr > 0:
+        raise TrainingError(f"--text-encoder-lr {cfg.text_encoder_lr}: must be positive")
+    if cfg.text_encoder_lr is not None and not (cfg.train_text_encoder or cfg.text_encoder_lora_rank):
+        raise TrainingError("--text-encoder-lr goes with --train-text-encoder or --text-encoder-lora-rank")
     if cfg.text_encoder_lora_rank and not cfg.lora_rank:
         raise TrainingError("--text-encoder-lora-rank goes with --lora-rank (a LoRA run)")
     if cfg.text_encoder_lora_rank and cfg.train_text_encoder:
@@ -190,7 +195,11 @@ def train(cfg: TrainConfig) -> Path:
     params = [p for p in transformer.parameters() if p.requires_grad]
     text_params = [p for p in text_encoder.parameters() if p.requires_grad] if trains_text else []
     trained = params + text_params  # what the optimizer moves, and the EMA follows (text encoder included)
-    optimizer = adamw(trained, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam, cfg.adam_betas)
+    groups = [{"params": params}]
+    if text_params:  # its own group, so it can move slower than the transformer (a jointly trained encoder
+        # that moves as fast tends to collapse into a constant the transformer uses as a bias)
+        groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    optimizer = adamw(groups, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam, cfg.adam_betas)
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.max_steps)
     ema = None
