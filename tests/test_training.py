@@ -21,7 +21,7 @@ from meissonic.cli import main
 from meissonic.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from meissonic.training.data import DataError, open_dataset, prepare_image
 from meissonic.training.objective import (
-    IGNORE, drop_conditions, mask_rate_timestep, mask_tokens, sample_mask_ratios,
+    IGNORE, drop_conditions, mask_rate_timestep, mask_tokens, masked_cross_entropy, sample_mask_ratios,
 )
 from meissonic.training.train import TrainConfig, TrainingError, train
 
@@ -110,6 +110,22 @@ def test_mask_rate_timestep_matches_the_sampler_conventions():
     assert steps[1] == 63 - round(64 * 2 / 3)  # cos(pi/2 * i/64) = 0.5 at i = 64 * 2/3
 
 
+def test_masked_cross_entropy_is_the_mean_over_masked_tokens_only():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (3, 4, 5), generator=gen)
+    _, labels, _ = mask_tokens(tokens, torch.tensor([1.0, 0.5, 0.05]), 7, gen)
+    logits = torch.randn(3, 7, 4, 5, generator=gen, requires_grad=True)
+    loss = masked_cross_entropy(logits, labels)
+    by_hand = [-logits[b, :, i, j].log_softmax(0)[labels[b, i, j]] for b, i, j in (labels != IGNORE).nonzero()]
+    assert len(by_hand) == 20 + 10 + 1
+    assert torch.allclose(loss, torch.stack(by_hand).mean())
+    loss.backward()  # unmasked positions get no gradient
+    assert (logits.grad.permute(0, 2, 3, 1)[labels == IGNORE] == 0).all()
+    assert (logits.grad.permute(0, 2, 3, 1)[labels != IGNORE] != 0).any(dim=1).all()
+    half = masked_cross_entropy(logits.detach().bfloat16(), labels)  # promoted to float32 inside
+    assert half.dtype == torch.float32 and abs(half.item() - loss.item()) < 0.05
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -173,8 +189,11 @@ def test_loss_falls_and_outputs_a_loadable_pipeline(parquet, tmp_path):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-20", "checkpoint-40"]
     pipe = MeissonicPipeline.from_pretrained(out)
     assert pipe.transformer.config.mask_rate_conditioning == "mask_rate"
-    code = main(["generate", "a red circle", "--model", str(out), "--out", str(tmp_path / "img"), "--steps", "2"])
+    assert pipe.defaults["resolution"] == 64  # samples by default at the size it learnt (the preset says 128)
+    code = main(["generate", "a red circle", "--model", str(out), "--out", str(tmp_path / "img"), "--steps", "2",
+                 "--seed", "0"])
     assert code == 0
+    assert Image.open(tmp_path / "img" / "a-red-circle_0.png").size == (64, 64)
 
 
 def test_resume_repeats_the_uninterrupted_run(parquet, tmp_path):

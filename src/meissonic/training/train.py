@@ -135,6 +135,8 @@ def build_models(cfg: TrainConfig) -> MeissonicPipeline:
             with seeded_init(cfg.seed):
                 pipe.transformer = MeissonicTransformer(**preset.transformer)
             pipe.defaults = preset.defaults
+    if cfg.model is None or cfg.preset is not None:  # a new transformer samples by default at the size it learnt
+        pipe.defaults = {**pipe.defaults, "resolution": cfg.resolution}
     if cfg.vqvae is not None:
         from .vq_train import load_vqvae
 
