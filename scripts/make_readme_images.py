@@ -57,19 +57,20 @@ def main(out: Path) -> None:
     images = [pipe(prompt=p, generator=torch.Generator().manual_seed(i)).images[0] for i, p in enumerate(prompts)]
     captioned(images, GRID_PROMPTS, columns=4).save(out / "demo-grid.png")
 
+    side = pipe.defaults["resolution"]
     source = pipe(prompt="a large blue square on the left", generator=torch.Generator().manual_seed(1)).images[0]
-    mask = np.zeros((256, 256), dtype=bool)
-    mask[64:192, 144:256] = True
+    mask = np.zeros((side, side), dtype=bool)
+    mask[side // 4:side * 3 // 4, side * 9 // 16:] = True  # the right part, where the square is not
     edits = [
         ("input: a large blue square on the left", source),
         ("img2img 0.6: a large red circle on the left",
          img2img(pipe, "a large red circle on the left", source, 0.6,
                  generator=torch.Generator().manual_seed(0)).images[0]),
-        ("inpaint (right half): a small yellow star",
-         inpaint(pipe, "a large blue square on the left, a small yellow star on the right", source, mask,
+        ("inpaint (right part): a small yellow star",
+         inpaint(pipe, "a large blue square to the left of a small yellow star", source, mask,
                  generator=torch.Generator().manual_seed(0)).images[0]),
-        ("outpaint +128 px right: a green circle on the right",
-         outpaint(pipe, "a large blue square to the left of a large green circle", source, right=128,
+        (f"outpaint +{side // 2} px right: a green circle",
+         outpaint(pipe, "a large blue square to the left of a large green circle", source, right=side // 2,
                   generator=torch.Generator().manual_seed(0)).images[0]),
     ]
     captioned([e[1] for e in edits], [e[0] for e in edits], columns=4).save(out / "demo-edits.png")

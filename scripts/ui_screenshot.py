@@ -30,9 +30,11 @@ def main() -> None:
                                         args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.goto(url)
-            page.locator("#t2i-prompt textarea").fill(args.prompt)
+            page.get_by_label("Prompt").first.fill(args.prompt)
             page.locator("#t2i-generate").click()
-            page.locator("#info").filter(has_text="Seed").wait_for(timeout=120_000)
+            page.locator("#info").filter(has_text="Text to image").wait_for(timeout=120_000)
+            page.wait_for_function("() => { const i = document.querySelector('#gallery img'); "
+                                   "return i && i.naturalWidth > 0; }")
             page.wait_for_timeout(500)
             page.screenshot(path=args.out)
             browser.close()

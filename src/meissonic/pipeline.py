@@ -103,6 +103,7 @@ class MeissonicPipeline(DiffusionPipeline):
         Weights are read from safetensors; a component with only pickle files (`.bin`, `.pt`, `.ckpt`) is refused
         unless `allow_pickle=True`, and then read with `torch.load(weights_only=True)`. No code from the folder runs.
 
+        `torch_dtype` is the precision of every loaded part (float32 when not given, whatever the files hold).
         `variant="fp16"` picks the released half-precision files; `cache_dir`, `token`, `local_files_only` and
         `force_download` go to the hub download. A component passed by name replaces the folder's,
         e.g. `text_encoder=CLIPTextModelWithProjection.from_pretrained(...)` for the encoder the reference scripts use.
@@ -118,11 +119,14 @@ class MeissonicPipeline(DiffusionPipeline):
         weights = {name: {"use_safetensors": not weights_are_pickle(folder / name, allow_pickle), "variant": variant}
                    for name in WEIGHTS if name not in components}
         _check_before_loading(folder, weights, variant)
-        dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        # no dtype given: float32 for every part, whatever the files hold (diffusers' models upcast on their own,
+        # transformers' keep the file's half precision: a half-precision folder would load mixed and fail)
+        torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
+        dtype_kw = {"torch_dtype": torch_dtype}
 
         def text_encoder():
             model = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **weights["text_encoder"])
-            return model.to(torch_dtype) if torch_dtype is not None else model
+            return model.to(torch_dtype)
 
         loaders = {
             "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights["vqvae"], **dtype_kw),
