@@ -122,18 +122,18 @@ class MeissonicPipeline(DiffusionPipeline):
         # no dtype given: float32 for every part, whatever the files hold (diffusers' models upcast on their own,
         # transformers' keep the file's half precision: a half-precision folder would load mixed and fail)
         torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
-        dtype_kw = {"torch_dtype": torch_dtype}
 
         def text_encoder():
             model = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **weights["text_encoder"])
             return model.to(torch_dtype)
 
         loaders = {
-            "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights["vqvae"], **dtype_kw),
+            "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights["vqvae"], torch_dtype=torch_dtype),
             "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
             "text_encoder": text_encoder,
             "transformer": lambda: MeissonicTransformer.from_pretrained(folder / "transformer",
-                                                                        **weights["transformer"], **dtype_kw),
+                                                                        **weights["transformer"],
+                                                                        torch_dtype=torch_dtype),
             "scheduler": lambda: MeissonicScheduler.from_pretrained(folder / "scheduler"),
         }
         parts = {name: components[name] if name in components else load() for name, load in loaders.items()}
