@@ -2,8 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .pipeline import MeissonicPipeline, MeissonicScheduler  # noqa: E402
-from .sampler import decode  # noqa: E402
-from .transformer import MeissonicTransformer  # noqa: E402
+from .quantize import quiet_torchao  # noqa: E402
+
+with quiet_torchao():  # diffusers imports torchao (when installed) with its ModelMixin, which prints build notes
+    from .pipeline import MeissonicPipeline, MeissonicScheduler  # noqa: E402
+    from .sampler import decode  # noqa: E402
+    from .transformer import MeissonicTransformer  # noqa: E402
 
 __all__ = ["MeissonicPipeline", "MeissonicScheduler", "MeissonicTransformer", "decode", "__version__"]

@@ -1,36 +1,143 @@
-"""Timing the transformer: one forward (with the classifier-free-guidance batch) of a named architecture.
+"""`meissonic bench`: time and size a whole generation for each precision and quantization asked.
 
-Weights are random (filled in place, no download), so the 1B Meissonic can be timed anywhere. Figures are medians
-over repeats after warm-up; compare ratios within one run, not absolute times across machines.
+One row per (precision, quantization), each run in a fresh Python process, so that its peak memory (CUDA max
+allocated and reserved, or the process's peak RSS on CPU) is its own. A row times text encoding, every sampling
+step, the VQ decode and the total, and records the transformer's weight memory and the top-1 token agreement of its
+logits with fp32 on fixed inputs (half the tokens masked, seeded conditioning), the quality cost of a precision or
+quantization. The model is a folder, or a named architecture with random weights built in place (no download), so
+the 1B Meissonic can be measured anywhere. Compare ratios within one run, not absolute times across machines.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from .presets import get_preset
-from .transformer import ConditionCache, MeissonicTransformer
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROMPT = "a photo of a red fox sitting in a snowy forest, golden hour"
 
 
-def random_transformer(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> MeissonicTransformer:
-    """The preset's transformer with N(0, 0.02) weights, built without the cost of the default initialisers."""
-    with torch.device("meta"):
-        model = MeissonicTransformer(**get_preset(preset).transformer)
-    model = model.to_empty(device=device).eval()
-    gen = torch.Generator(device).manual_seed(seed)
+@dataclass
+class BenchSpec:
+    """One row: what to build and how to run it."""
+
+    model: str | None = None  # a pipeline folder, or
+    preset: str | None = None  # a named architecture with random weights
+    dtype: str = "fp32"
+    quantize: str = "none"
+    resolution: int | None = None  # default: the model's
+    steps: int | None = None  # default: the model's
+    batch: int = 1
+    guidance: float | None = None  # default: the model's (> 1: the guidance batch doubles the transformer's rows)
+    release_text_encoder: bool = False
+    vq_tile: int | None = None
+    offload: str = "none"
+    compile: bool = False
+    device: str = "cpu"
+    reference: str | None = None  # file of the fp32 top-1 tokens on the fixed inputs (agreement is measured against)
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _fill_random(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """N(0, 0.02) weights, norm scales 1, biases 0: a random model whose activations stay in range."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm_" in name or name.endswith("layer_norm.weight"):
+        for name, param in module.named_parameters(recurse=False):
+            if param.ndim == 1 and ("norm" in name or "norm" in type(module).__name__.lower()) and "weight" in name:
                 param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
             else:
-                param.normal_(0.0, 0.02, generator=gen)
-    return model.to(dtype)
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator))
+        for name, buf in module.named_buffers(recurse=False):
+            if name == "position_ids":  # CLIP's (1, positions) arange
+                buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+            elif buf.is_floating_point():
+                buf.zero_()
+
+
+def materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                quantize: str = "none", blocks: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+    """Give a meta-device model random weights in `dtype` on `device`, module by module; with `quantize`, each of
+    `blocks` is quantized as soon as it exists, so the full-precision model never sits in memory whole."""
+    from .quantize import quantize as quantize_module
+
+    generator = torch.Generator().manual_seed(seed)
+    done: set[int] = set()
+    for block in blocks or []:
+        block.to_empty(device=device)
+        block.to(dtype)
+        for module in block.modules():
+            _fill_random(module, generator)
+            done.add(id(module))
+        if quantize != "none":
+            quantize_module(block, quantize, device=device)
+    for module in model.modules():
+        if id(module) in done:
+            continue
+        module.to_empty(device=device, recurse=False)
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.to(dtype), requires_grad=False))
+        _fill_random(module, generator)
+    if quantize != "none":  # the layers outside the blocks
+        quantize_module(model, quantize, device=device, filter_fn=lambda m, fqn: id(m) not in done)
+    return model.eval()
+
+
+def random_pipeline(preset: str, dtype: torch.dtype, device: torch.device, quantize: str = "none", seed: int = 0):
+    """The preset's whole pipeline with random weights, built in `dtype` on `device` without a float32 copy."""
+    from diffusers import VQModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .pipeline import MeissonicPipeline, MeissonicScheduler
+    from .presets import clip_tokenizer, get_preset
+    from .transformer import MeissonicTransformer
+
+    spec = get_preset(preset)
+    with torch.device("meta"):
+        transformer = MeissonicTransformer(**spec.transformer)
+        vqvae = VQModel(**spec.vqvae)
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder))
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    materialize(transformer, dtype, device, seed, quantize, blocks)
+    materialize(vqvae, dtype, device, seed + 1)
+    materialize(text_encoder, dtype, device, seed + 2)
+    scheduler = MeissonicScheduler(mask_token_id=transformer.mask_token_id, masking_schedule=spec.masking_schedule)
+    pipe = MeissonicPipeline(vqvae=vqvae, tokenizer=clip_tokenizer(), text_encoder=text_encoder,
+                             transformer=transformer, scheduler=scheduler, defaults=spec.defaults)
+    if quantize != "none":
+        pipe.quantization = {"transformer": quantize, "text_encoder": "none"}
+    return pipe
+
+
+def fixed_inputs(config, grid: tuple[int, int], resolution: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 1234) -> dict:
+    """A transformer input that is the same in every process: half the tokens masked, seeded conditioning."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.codebook_size, (1, *grid), generator=gen)
+    tokens[torch.rand(1, *grid, generator=gen) < 0.5] = config.vocab_size - 1
+    return dict(
+        hidden_states=tokens.to(device),
+        encoder_hidden_states=torch.randn(1, 77, config.joint_attention_dim, generator=gen).to(device, dtype),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=gen).to(device, dtype),
+        micro_conds=torch.tensor([[resolution, resolution, 0, 0, 6]], dtype=torch.float32, device=device),
+        timestep=torch.tensor([0.5], device=device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- one row
 
 
 def _sync(device: torch.device) -> None:
@@ -38,62 +145,191 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model: MeissonicTransformer, resolution: int, batch: int, cfg: bool, repeats: int,
-                 warmup: int, patch: int = 16) -> dict:
-    """Seconds for one full forward (conditioning included) and for one cached sampling step."""
-    device, dtype = model.device, model.dtype
-    rows = batch * (2 if cfg else 1)
-    grid = (resolution // patch, resolution // patch)
-    cfgd = model.config
-    gen = torch.Generator(device).manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randint(0, cfgd.vocab_size, (rows, *grid), device=device, generator=gen),
-        encoder_hidden_states=torch.randn(rows, 77, cfgd.joint_attention_dim, device=device, generator=gen).to(dtype),
-        pooled_projections=torch.randn(rows, cfgd.pooled_projection_dim, device=device, generator=gen).to(dtype),
-        micro_conds=torch.tensor([[resolution, resolution, 0, 0, 6]], device=device).float().expand(rows, -1),
-        timestep=torch.tensor([10], device=device),
-    )
-    full, step = [], []
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            cache = ConditionCache()
-            _sync(device)
-            start = time.perf_counter()
-            model(**inputs, cache=cache)
-            _sync(device)
-            mid = time.perf_counter()
-            model(**inputs, cache=cache)
-            _sync(device)
-            end = time.perf_counter()
-            if i >= warmup:
-                full.append(mid - start)
-                step.append(end - mid)
-    return {"forward_s": statistics.median(full), "cached_step_s": statistics.median(step)}
-
-
-def peak_memory_gb(device: torch.device) -> float:
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far, GiB: CUDA max allocated and reserved on GPU; the process's peak RSS always."""
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB; process peak so far
+        out["cuda_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["cuda_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out
 
 
-def run_bench(preset: str, resolution: int, batch: int, cfg: bool, dtypes: list[str], repeats: int, warmup: int,
-              device: torch.device) -> list[dict]:
+def run_row(spec: BenchSpec) -> dict:
+    """Build, then time one generation (text, steps, decode) and measure memory and agreement; in this process."""
+    from .cli_common import load_pipeline
+    from .quantize import token_agreement, weight_bytes
+    from .runtime import RunOptions, prepare
+    from .vq import decode_tokens
+
+    device, dtype = torch.device(spec.device), DTYPES[spec.dtype]
+    start = time.perf_counter()
+    if spec.preset is not None:  # quantized while built, unless offloading (then `prepare` quantizes on the GPU)
+        built = spec.quantize if spec.offload == "none" else "none"
+        pipe = random_pipeline(spec.preset, dtype, torch.device("cpu") if spec.offload != "none" else device, built)
+        options = RunOptions(quantize=spec.quantize if built == "none" else "none", offload=spec.offload,
+                             compile=spec.compile, vq_tile=spec.vq_tile)
+    else:
+        pipe = load_pipeline(spec.model, dtype)
+        options = RunOptions(quantize=spec.quantize, offload=spec.offload, compile=spec.compile, vq_tile=spec.vq_tile)
+    prepare(pipe, device, options)
+    pipe.set_progress_bar_config(disable=True)
+    build_s = time.perf_counter() - start
+    resolution = spec.resolution or pipe.defaults["resolution"]
+    steps = spec.steps or pipe.defaults["steps"]
+    guidance = pipe.defaults["guidance"] if spec.guidance is None else spec.guidance
+    grid = (resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    row = {"weights_gb": weight_bytes(pipe.transformer) / 2**30, "build_s": build_s}
+
+    agreement = None
+    if spec.reference is not None and spec.offload == "none":  # before the generation: a failure costs little
+        with torch.no_grad():
+            inputs = fixed_inputs(pipe.transformer.config, grid, resolution, device, dtype)
+            logits = pipe.transformer(**inputs)
+        agreement = token_agreement(logits.float().cpu(), torch.load(spec.reference, weights_only=True))
+        del logits
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prompts = [PROMPT] * spec.batch
+    _sync(device)
+    t0 = time.perf_counter()
+    pipe.encode_prompts_once([PROMPT, ""], release=spec.release_text_encoder)
+    _sync(device)
+    text_s = time.perf_counter() - t0
+
+    stamps = []
+
+    def on_step(pipe_, step, timestep, tensors):
+        _sync(device)
+        stamps.append(time.perf_counter())
+        return {}
+
+    generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(0)
+    _sync(device)
+    t1 = time.perf_counter()
+    tokens = pipe(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                  guidance_scale=guidance, generator=generator, output_type="latent",
+                  callback_on_step_end=on_step).images
+    sample_s = time.perf_counter() - t1
+    step_times = [b - a for a, b in zip([t1, *stamps[:-1]], stamps)]
+    _sync(device)
+    t2 = time.perf_counter()
+    decode_tokens(pipe.vqvae, tokens, tile=spec.vq_tile)
+    _sync(device)
+    decode_s = time.perf_counter() - t2
+    row.update(
+        text_s=text_s,
+        first_step_s=step_times[0],
+        step_s=statistics.median(step_times[1:] or step_times),  # steady state: the first step also builds the cache
+        sample_s=sample_s,
+        decode_s=decode_s,
+        total_s=text_s + sample_s + decode_s,
+        top1_agreement=agreement,
+        resolution=resolution,
+        steps=steps,
+        guidance=guidance,
+        threads=torch.get_num_threads(),
+        **peak_memory(device),
+    )
+    return row
+
+
+def reference_tokens(spec: BenchSpec, out: str) -> None:
+    """fp32, unquantized: the top-1 tokens of the fixed inputs, written to `out` (the agreement's reference)."""
+    from .cli_common import load_pipeline
+
+    device = torch.device(spec.device)
+    if spec.preset is not None:
+        pipe = random_pipeline(spec.preset, torch.float32, device)
+    else:
+        pipe = load_pipeline(spec.model, torch.float32).to(device)
+    resolution = spec.resolution or pipe.defaults["resolution"]
+    grid = (resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    with torch.no_grad():
+        logits = pipe.transformer(**fixed_inputs(pipe.transformer.config, grid, resolution, device, torch.float32))
+    torch.save(logits.float().cpu(), out)
+
+
+# ---------------------------------------------------------------------------------------------- many rows
+
+
+def _in_subprocess(task: str, spec: BenchSpec, out: str | None = None) -> dict:
+    """Run `task` for `spec` in a fresh interpreter (its own peak memory); returns its JSON result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        payload = json.dumps({"task": task, "spec": asdict(spec), "out": out, "result": str(result)})
+        proc = subprocess.run([sys.executable, "-m", "meissonic.bench", payload], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0 or not result.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"bench row {spec.dtype}/{spec.quantize} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(result.read_text())
+
+
+def run_bench(specs: list[BenchSpec], agreement: bool = True, on_row=None) -> list[dict]:
+    """Every spec in its own process; with `agreement`, an fp32 reference process first. `on_row(row)` sees each
+    row as it finishes."""
     rows = []
-    for name in dtypes:
-        model = random_transformer(preset, DTYPES[name], device)
-        result = time_forward(model, resolution, batch, cfg, repeats, warmup)
-        result.update(preset=preset, dtype=name, resolution=resolution, batch=batch, cfg=cfg,
-                      device=str(device), threads=torch.get_num_threads(), peak_memory_gb=peak_memory_gb(device))
-        rows.append(result)
-        del model
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = None
+        if agreement:
+            reference = str(Path(tmp) / "reference.pt")
+            _in_subprocess("reference", specs[0], reference)
+        for spec in specs:
+            spec.reference = reference
+            row = {"dtype": spec.dtype, "quantize": spec.quantize, "batch": spec.batch,
+                   "release_text_encoder": spec.release_text_encoder, "vq_tile": spec.vq_tile,
+                   "offload": spec.offload, "compile": spec.compile, "device": spec.device,
+                   "model": spec.model or f"{spec.preset} (random weights)"}
+            row.update(_in_subprocess("row", spec))
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows
 
 
+def seed_format(row: dict) -> str:
+    """The seed's table cell: 'BF16 int8: 2.31 s / 4.2 GB' (total time / peak memory: CUDA allocated, or RSS)."""
+    memory = row.get("cuda_allocated_gb", row["peak_rss_gb"])
+    quant = "" if row["quantize"] == "none" else f" {row['quantize']}"
+    return f"{row['dtype'].upper()}{quant}: {row['total_s']:.2f} s / {memory:.1f} GB"
+
+
+def _size(gb: float) -> str:
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1024:.1f} MB"
+
+
 def format_table(rows: list[dict]) -> str:
-    base = rows[0]["forward_s"]
-    lines = [f"{'dtype':6} {'forward s':>10} {'cached step s':>14} {'speed-up':>9} {'peak mem GB':>12}"]
+    """A markdown table; speed-up and weight share are relative to the first row."""
+    base = rows[0]
+    gpu = "cuda_allocated_gb" in base
+    memory_cols = "| CUDA alloc GB | CUDA reserved GB " if gpu else "| peak RSS GB "
+    lines = [f"| precision | quantize | text s | step s | decode s | total s {memory_cols}| weights | weights vs "
+             f"first | step speed-up | top-1 vs fp32 |",
+             "|---" * (11 if gpu else 10) + "|"]
     for r in rows:
-        lines.append(f"{r['dtype']:6} {r['forward_s']:10.2f} {r['cached_step_s']:14.2f} "
-                     f"{base / r['forward_s']:8.2f}x {r['peak_memory_gb']:12.2f}")
+        memory = (f"| {r['cuda_allocated_gb']:.2f} | {r['cuda_reserved_gb']:.2f} " if gpu
+                  else f"| {r['peak_rss_gb']:.2f} ")
+        agree = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
+        quant = r["quantize"] + (" +release TE" if r["release_text_encoder"] else "") + (
+            f" +tile {r['vq_tile']}" if r["vq_tile"] else "") + (" +compile" if r["compile"] else "")
+        lines.append(f"| {r['dtype']} | {quant} | {r['text_s']:.2f} | {r['step_s']:.3f} | {r['decode_s']:.2f} | "
+                     f"{r['total_s']:.2f} {memory}| {_size(r['weights_gb'])} | "
+                     f"{100 * r['weights_gb'] / base['weights_gb']:.0f}% | {base['step_s'] / r['step_s']:.2f}x | "
+                     f"{agree} |")
     return "\n".join(lines)
+
+
+def _worker(payload: str) -> None:
+    job = json.loads(payload)
+    spec = BenchSpec(**job["spec"])
+    if job["task"] == "reference":
+        reference_tokens(spec, job["out"])
+        result = {"ok": True}
+    else:
+        result = run_row(spec)
+    Path(job["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -16,9 +16,15 @@ import sys
 from pathlib import Path
 
 from .cli_common import (
+    OFFLOADS,
+    QUANTIZE,
     UsageError,
+    add_runtime_options,
+    check_runtime_args,
     load_pipeline,
+    prepare_pipeline,
     reason,
+    run_options,
     resolve_device,
     resolve_dtype,
     save_new_folder,
@@ -48,16 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     add_image_commands(verbs)
 
-    bench = verbs.add_parser("bench", help="time one transformer forward of a named architecture (random weights)")
-    bench.add_argument("--preset", default="meissonic", help=f"architecture: {', '.join(_preset_names())}")
-    bench.add_argument("--resolution", type=int, default=1024, help="image side in pixels (multiple of 16)")
-    bench.add_argument("--batch", type=int, default=1, help="images per forward (doubled by guidance)")
-    bench.add_argument("--no-cfg", action="store_true", help="time without the classifier-free-guidance batch")
-    bench.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
-    bench.add_argument("--repeats", type=int, default=1, help="timed forwards per dtype (median reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed forwards per dtype first")
+    bench = verbs.add_parser("bench", help="time and size whole generations per precision and quantization")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a model folder or hub repo id (default: --preset meissonic)")
+    source.add_argument("--preset", help=f"an architecture with random weights (no download): {', '.join(_preset_names())}")
+    bench.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    bench.add_argument("--steps", type=int, help="sampling steps (default: the model's, 64 for Meissonic)")
+    bench.add_argument("--batch", type=int, default=1, help="images per generation (default 1)")
+    bench.add_argument("--guidance", type=float, help="guidance scale; <= 1 runs no unconditional batch "
+                       "(default: the model's)")
+    bench.add_argument("--dtypes", default="fp32,bf16", help="comma-separated precisions: fp32, bf16, fp16 (GPU)")
+    bench.add_argument("--quantize", default="none", help="comma-separated: none, int8, fp8, int4; one row per "
+                       "precision and method")
+    bench.add_argument("--release-text-encoder", action="store_true", help="free the text encoder before sampling")
+    bench.add_argument("--vq-tile", type=int, help="decode in tiles of this many tokens a side")
+    bench.add_argument("--offload", default="none", choices=OFFLOADS, help="GPU only: model or sequential offload")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    bench.add_argument("--no-agreement", action="store_true",
+                       help="skip the fp32 reference run that the top-1 token agreement is measured against")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    bench.add_argument("--json", type=Path, help="also write the figures to this JSON file (must not exist)")
+    bench.add_argument("--json", type=Path, help="also write the rows to this JSON file (must not exist)")
     bench.set_defaults(run=bench_command)
 
     tr = verbs.add_parser("train", help="train or fine-tune the transformer (full or LoRA)")
@@ -155,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--size", type=int, default=256, help="image side in pixels")
     shapes.add_argument("--held-out", action="store_true", help="only scenes with held-out colour-shape pairs")
+    shapes.add_argument("--jitter", type=float, default=0.04,
+                        help="largest shift of an object's center from its named place, as a share of the side")
     shapes.set_defaults(run=data_shapes)
 
     ev = verbs.add_parser("eval", help="judge generated images automatically")
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="judge the data set's images passed through the model's tokenizer (its ceiling)")
     es.add_argument("--save-images", type=Path, help="write every judged image here")
     es.add_argument("--json", type=Path, help="write the scores and per-image verdicts here (must not exist)")
+    add_runtime_options(es)
     es.set_defaults(run=eval_shapes)
 
     ui = verbs.add_parser("ui", help="serve the web app (every task) on a local address")
@@ -180,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs the internet)")
     ui.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this are turned away")
     ui.add_argument("--concurrency", type=int, default=1, help="requests run at once")
-    ui.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    ui.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_runtime_options(ui)
     ui.add_argument("--allow-pickle", action="store_true", help="also load pickle weights (weights_only=True)")
     ui.set_defaults(run=ui_command)
 
@@ -190,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True, help="new folder to write")
     conv.add_argument("--dtype", required=True, choices=("fp32", "bf16", "fp16"),
                       help="weight precision of the copy (fp16 halves the size; load it with any --dtype)")
+    conv.add_argument("--quantize", choices=QUANTIZE, default="none",
+                      help="also quantize the transformer's weights (the copy then loads in --dtype only; bf16 "
+                           "quantized copies run on CPU and GPU, fp32 int8 and int4 copies on the CPU only)")
+    conv.add_argument("--device", default="cpu", help="where to quantize: the kernels chosen are this device's")
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a model whose weights are pickle files (with torch.load(weights_only=True)); the "
                            "copy is written as safetensors")
@@ -226,33 +248,67 @@ def _preset_names() -> list[str]:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from .bench import DTYPES as BENCH_DTYPES
-    from .bench import format_table, run_bench
-    from .presets import get_preset
+    from .bench import BenchSpec, format_table, run_bench, seed_format
 
-    get_preset(args.preset)
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = [d for d in dtypes if d not in BENCH_DTYPES]
-    if not dtypes or unknown:
-        raise UsageError(f"--dtypes {args.dtypes!r}: choose from {', '.join(BENCH_DTYPES)}")
-    if args.resolution < 16 or args.resolution % 16:
+    if args.model is None and args.preset is None:
+        args.preset = "meissonic"
+    if args.preset is not None and args.preset not in _preset_names():
+        raise UsageError(f"--preset {args.preset!r}: choose from {', '.join(_preset_names())}")
+    dtypes = _choices(args.dtypes, "--dtypes", ("fp32", "bf16", "fp16"))
+    methods = _choices(args.quantize, "--quantize", QUANTIZE)
+    if args.resolution is not None and (args.resolution < 16 or args.resolution % 16):
         raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 16")
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        raise UsageError("--batch and --repeats must be at least 1, --warmup at least 0")
+    if args.steps is not None and args.steps < 1 or args.batch < 1:
+        raise UsageError(f"--steps {args.steps} and --batch {args.batch}: must be at least 1")
+    if args.vq_tile is not None and args.vq_tile < 4:
+        raise UsageError(f"--vq-tile {args.vq_tile}: must be at least 4 tokens")
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
     device = resolve_device(args.device)
     if "fp16" in dtypes and device.type == "cpu":
         raise UsageError("fp16 on CPU is hundreds of times slower than bf16: leave it out of --dtypes")
-    rows = run_bench(args.preset, args.resolution, args.batch, not args.no_cfg, dtypes, args.repeats, args.warmup,
-                     device)
-    print(f"{args.preset} transformer, {args.resolution} px, batch {args.batch}"
-          f"{'' if args.no_cfg else ' x2 (guidance)'}, {device}, {rows[0]['threads']} threads")
+    if args.offload != "none" and device.type != "cuda":
+        raise UsageError(f"--offload {args.offload}: needs a CUDA GPU")
+    if args.model is not None:
+        from .loading import resolve_model_folder
+
+        resolve_model_folder(args.model)  # a bad folder fails here, once, not in every row's process
+    specs = [BenchSpec(model=args.model, preset=args.preset, dtype=d, quantize=q, resolution=args.resolution,
+                       steps=args.steps, batch=args.batch, guidance=args.guidance,
+                       release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
+                       compile=args.compile, device=str(device)) for d in dtypes for q in methods]
+    name = args.model or f"{args.preset} (random weights)"
+    where = torch_device_name(device)
+    print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)
+    try:
+        rows = run_bench(specs, agreement=not args.no_agreement,
+                         on_row=lambda r: print(f"  {seed_format(r)}", flush=True))
+    except RuntimeError as err:
+        raise UsageError(str(err)) from None
+    first = rows[0]
+    print(f"\n{first['resolution']}x{first['resolution']}, {first['steps']} steps, batch {args.batch}, guidance "
+          f"{first['guidance']:g}, {where}")
     print(format_table(rows))
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"device": where, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in allowed]
+    if not values or unknown:
+        raise UsageError(f"{flag} {text!r}: choose from {', '.join(allowed)} (comma-separated)")
+    return list(dict.fromkeys(values))
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -287,7 +343,8 @@ def train_vq_command(args: argparse.Namespace) -> int:
 def data_shapes(args: argparse.Namespace) -> int:
     from .shapes import write_shapes
 
-    path = write_shapes(args.out, args.num, seed=args.seed, side=args.size, held_out=args.held_out)
+    path = write_shapes(args.out, args.num, seed=args.seed, side=args.size, held_out=args.held_out,
+                       jitter=args.jitter)
     print(f"wrote {path} ({args.num} images, {args.size}x{args.size})")
     return 0
 
@@ -304,6 +361,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise UsageError(f"--num {args.num}: must be at least 1")
+    check_runtime_args(args)
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
     if args.ground_truth and args.reconstruct:
@@ -314,8 +372,9 @@ def eval_shapes(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model, torch_dtype("fp32"))  # the tokenizer alone, on the CPU
         make, source = reconstructed_images(pipe.vqvae.eval(), args.seed), f"{args.model} tokenizer reconstructions"
     else:
-        pipe = load_pipeline(args.model, resolve_dtype("auto", resolve_device("auto")))
-        pipe.to(resolve_device("auto"))
+        device = resolve_device(args.device)
+        pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device, args.model))
+        prepare_pipeline(pipe, device, args)
         pipe.set_progress_bar_config(disable=True)
         make, source = pipeline_images(pipe, args.steps, args.guidance, args.seed, args.size), args.model
     result = run_eval(make, args.num, args.seed, args.save_images)
@@ -339,9 +398,14 @@ def ui_command(args: argparse.Namespace) -> int:
         from .ui import launch
     except ImportError as err:
         raise UsageError(f"the web UI needs gradio: pip install 'meissonic[ui]' ({reason(err)})") from None
+    check_runtime_args(args)
     device = resolve_device(args.device)
-    app, url = launch(args.model, args.host, args.port, args.share, args.max_queue, args.concurrency,
-                      resolve_dtype(args.dtype, device), device, block=False, allow_pickle=args.allow_pickle)
+    try:
+        app, url = launch(args.model, args.host, args.port, args.share, args.max_queue, args.concurrency,
+                          resolve_dtype(args.dtype, device, args.model), device, block=False,
+                          allow_pickle=args.allow_pickle, options=run_options(args))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     print(f"meissonic ui: serving {args.model} on {url} (Ctrl+C to stop)", flush=True)
     try:
         app.block_thread()
@@ -356,9 +420,17 @@ def ui_command(args: argparse.Namespace) -> int:
 def convert_model(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise UsageError(f"--out {str(args.out)!r} exists; choose a new folder")
-    save_new_folder(load_pipeline(args.model, torch_dtype(args.dtype), args.allow_pickle), args.out)
+    device = resolve_device(args.device)
+    if args.dtype == "fp16" and device.type == "cpu" and args.quantize != "none":
+        raise UsageError("--dtype fp16 with --quantize on CPU: quantized fp16 kernels are GPU-only; use bf16")
+    pipe = load_pipeline(args.model, torch_dtype(args.dtype), args.allow_pickle)
+    if args.quantize != "none":
+        pipe.to(device)
+        pipe.quantize(args.quantize)
+    save_new_folder(pipe, args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote {args.out} ({args.dtype}, {size / 2**20:.1f} MiB)")
+    quantized = "" if args.quantize == "none" else f", transformer {args.quantize}"
+    print(f"wrote {args.out} ({args.dtype}{quantized}, {size / 2**20:.1f} MiB)")
     return 0
 
 

@@ -6,10 +6,52 @@ import os
 from pathlib import Path
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE = ("none", "int8", "fp8", "int4")  # = quantize.QUANTIZE_METHODS (kept here: the parser imports no torch)
+OFFLOADS = ("none", "model", "sequential")  # = runtime.OFFLOADS
 
 
 class UsageError(ValueError):
     """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+def add_runtime_options(p) -> None:
+    """How the model runs: the options every command that samples shares (`runtime.RunOptions`)."""
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU; on CPU bf16 for large "
+                   "models (>= 100M transformer parameters) where the CPU has native bf16, else fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="quantize the transformer's weights (torchao): less memory, a little quality (see README)")
+    p.add_argument("--quantize-text-encoder", action="store_true", help="with --quantize: the text encoder's too")
+    p.add_argument("--offload", nargs="?", const="model", default="none", choices=OFFLOADS,
+                   help="GPU only: 'model' moves whole components to the GPU in turn, 'sequential' layer by layer "
+                        "(least memory, slowest); --offload alone means model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (first step slower)")
+    p.add_argument("--vq-tile", type=int, help="decode images in overlapping tiles of this many tokens a side "
+                   "(less memory for large images)")
+
+
+def check_runtime_args(args) -> None:
+    if args.vq_tile is not None and args.vq_tile < 4:
+        raise UsageError(f"--vq-tile {args.vq_tile}: must be at least 4 tokens")
+    if args.quantize_text_encoder and args.quantize == "none":
+        raise UsageError("--quantize-text-encoder needs --quantize int8, fp8 or int4")
+
+
+def run_options(args):
+    from .runtime import RunOptions
+
+    return RunOptions(quantize=args.quantize, quantize_text_encoder=args.quantize_text_encoder,
+                      offload=args.offload, compile=args.compile, vq_tile=args.vq_tile)
+
+
+def prepare_pipeline(pipe, device, args) -> None:
+    """Apply the run options of the command line (quantize, offload, compile, tiled decoding) to a loaded pipeline."""
+    from .runtime import prepare
+
+    try:
+        prepare(pipe, device, run_options(args))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def version() -> str:
@@ -37,14 +79,30 @@ def resolve_device(name: str):
     return device
 
 
-def resolve_dtype(name: str, device):
-    import torch
-
+def resolve_dtype(name: str, device, model: str | None = None):
+    """--dtype NAME on `device`; `auto` asks `runtime.auto_dtype`, sizing the model folder's transformer when given."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _auto_dtype(device, model)
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 on CPU is hundreds of times slower than bf16: use --dtype bf16 or fp32")
     return torch_dtype(name)
+
+
+def _auto_dtype(device, model: str | None):
+    """`runtime.auto_dtype` for the model folder's transformer size; a quantized folder's own precision."""
+    from .loading import resolve_model_folder
+    from .quantize import is_quantized_folder, saved_dtype
+    from .runtime import auto_dtype, transformer_params
+
+    if model is None:
+        return auto_dtype(device)
+    try:
+        folder = resolve_model_folder(model)
+        if is_quantized_folder(folder / "transformer"):
+            return saved_dtype(folder / "transformer")
+        return auto_dtype(device, transformer_params(folder) if device.type == "cpu" else None)
+    except Exception:  # noqa: BLE001 - the load that follows reports the problem properly
+        return auto_dtype(device)
 
 
 def torch_dtype(name: str):

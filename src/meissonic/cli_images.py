@@ -11,7 +11,17 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from .cli_common import DTYPES, UsageError, load_pipeline, reason, resolve_device, resolve_dtype, version
+from .cli_common import (
+    UsageError,
+    add_runtime_options,
+    check_runtime_args,
+    load_pipeline,
+    prepare_pipeline,
+    reason,
+    resolve_device,
+    resolve_dtype,
+    version,
+)
 
 
 def add_image_commands(verbs) -> None:
@@ -67,9 +77,10 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("cosine", "linear"), help="mask schedule (default: the model's)")
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-condition (default 6)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--offload", action="store_true", help="model CPU offload (GPU only): less GPU memory")
+    add_runtime_options(p)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (with --prompts-file)")
+    p.add_argument("--release-text-encoder", action="store_true",
+                   help="encode every prompt first, then free the text encoder's memory before sampling")
     p.add_argument("--lora", type=Path, help="a LoRA adapter folder written by `meissonic train --lora-rank`")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
     p.add_argument("--allow-pickle", action="store_true", help="also load weights from pickle files (.bin/.pt/"
@@ -116,6 +127,9 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps {args.steps}: must be at least 1")
     if args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images}: must be at least 1")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_runtime_args(args)
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):
         raise UsageError(f"--guidance {args.guidance}: must be a finite number >= 0")
     for name in ("width", "height"):
@@ -128,29 +142,29 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {str(args.out)!r} exists and is not a folder")
 
 
-# make(pipe, prompt, generators, options) -> PIL images; options are the sampling keywords every task takes
+# make(pipe, prompts, generators, options) -> PIL images, every prompt once then again (num_images_per_prompt);
+# options are the sampling keywords every task takes
 MakeImages = Callable[..., list]
 
 
 def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
-    """Load the model once, then for each prompt make `--num-images` images and write them with their parameters."""
+    """Load the model once, then make `--num-images` images per prompt, `--batch-size` prompts at a time, and write
+    them with their parameters. Under torchrun / accelerate launch each rank makes every WORLD_SIZE-th prompt."""
     check_sampling_args(args)
     prompts = read_prompts(args)
     import torch
 
     from .outputs import save_png
+    from .runtime import process_share, rank_device
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    share = process_share()
+    device = rank_device(resolve_device(args.device), share)
+    dtype = resolve_dtype(args.dtype, device, args.model)
     pipe = load_pipeline(args.model, dtype, args.allow_pickle)
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
-    if args.offload:
-        if device.type != "cuda":
-            raise UsageError("--offload needs a CUDA GPU")
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    prepare_pipeline(pipe, device, args)
+    pipe.set_progress_bar_config(disable=share.world > 1)  # several ranks' bars would overwrite each other
     steps = pipe.defaults["steps"] if args.steps is None else args.steps
     guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -163,14 +177,19 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
         "masking_schedule": args.schedule,
         "micro_conditioning_aesthetic_score": args.aesthetic_score,
     }
-    for number, prompt in enumerate(prompts):
-        first = seed + number * args.num_images
-        seeds = [first + i for i in range(args.num_images)]
-        gen_device = "cpu" if device.type == "mps" else device
-        generators = [torch.Generator(gen_device).manual_seed(s) for s in seeds]
-        images = make(pipe, prompt, generators, options)
+    jobs = share.take(list(enumerate(prompts)))  # (number in the whole list, prompt): seeds follow the number
+    if args.release_text_encoder:
+        pipe.encode_prompts_once([p for _, p in jobs] + [args.negative_prompt], release=True)
+    gen_device = "cpu" if device.type == "mps" else device
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        # image order as the pipeline makes it: every prompt once, then again (num_images_per_prompt)
+        order = [(prompt, seed + number * args.num_images + i)
+                 for i in range(args.num_images) for number, prompt in batch]
+        generators = [torch.Generator(gen_device).manual_seed(s) for _, s in order]
+        images = make(pipe, [prompt for _, prompt in batch], generators, options)
         args.out.mkdir(parents=True, exist_ok=True)
-        for image, image_seed in zip(images, seeds):
+        for image, (prompt, image_seed) in zip(images, order):
             params = {
                 "prompt": prompt,
                 "negative_prompt": args.negative_prompt,
@@ -185,6 +204,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
                 "model": str(args.model),
                 "lora": None if args.lora is None else str(args.lora),
                 "dtype": str(dtype).removeprefix("torch."),
+                "quantize": args.quantize,
                 **edit_params,
                 "meissonic_version": version(),
             }
@@ -197,8 +217,8 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    def make(pipe, prompt, generators, options):
-        return pipe(prompt=prompt, height=args.height, width=args.width, generator=generators, **options).images
+    def make(pipe, prompts, generators, options):
+        return pipe(prompt=prompts, height=args.height, width=args.width, generator=generators, **options).images
 
     return run(args, make, {"task": "text-to-image"})
 
@@ -217,8 +237,8 @@ def img2img_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--strength {args.strength}: must be in [0, 1]")
     image = _source(args)
 
-    def make(pipe, prompt, generators, options):
-        return img2img(pipe, prompt, image, args.strength, width=args.width, height=args.height,
+    def make(pipe, prompts, generators, options):
+        return img2img(pipe, prompts, image, args.strength, width=args.width, height=args.height,
                        generator=generators, **options).images
 
     return run(args, make, {"task": "img2img", "source_image": str(args.image), "strength": args.strength})
@@ -235,8 +255,8 @@ def inpaint_command(args: argparse.Namespace) -> int:
     else:
         mask = read_mask(args.mask, image.size)
 
-    def make(pipe, prompt, generators, options):
-        return inpaint(pipe, prompt, image, mask, grow=args.grow, keep_unmasked=not args.no_composite,
+    def make(pipe, prompts, generators, options):
+        return inpaint(pipe, prompts, image, mask, grow=args.grow, keep_unmasked=not args.no_composite,
                        feather=args.feather, width=args.width, height=args.height, generator=generators,
                        **options).images
 
@@ -255,8 +275,8 @@ def outpaint_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--{side} {value}: must be >= 0")
     expand = None if args.expand is None else _ints(args.expand, 2, "--expand", "WIDTHxHEIGHT", sep="x")
 
-    def make(pipe, prompt, generators, options):
-        return outpaint(pipe, prompt, image, **margins, expand=expand, keep_unmasked=not args.no_composite,
+    def make(pipe, prompts, generators, options):
+        return outpaint(pipe, prompts, image, **margins, expand=expand, keep_unmasked=not args.no_composite,
                         feather=args.feather, generator=generators, **options).images
 
     return run(args, make, {"task": "outpaint", "source_image": str(args.image), **margins,

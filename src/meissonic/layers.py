@@ -253,8 +253,16 @@ class TokenHead(nn.Module):
         self.layer_norm = RMSNorm(dim, eps)
         self.conv2 = nn.Conv2d(dim, codebook_size, kernel_size=1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(channels_last_norm(self.layer_norm, self.conv1(x)))
+    def forward(self, x: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """`where` (B, h, w) bool: compute logits only there (each position is independent); elsewhere they are 0."""
+        if where is None:
+            return self.conv2(channels_last_norm(self.layer_norm, self.conv1(x)))
+        batch, dim, height, width = x.shape
+        rows = x.permute(0, 2, 3, 1)[where]  # (M, D): the positions asked for, as 1x1 maps for the same modules
+        picked = self.conv2(channels_last_norm(self.layer_norm, self.conv1(rows[:, :, None, None])))  # (M, V, 1, 1)
+        logits = picked.new_zeros(batch, height, width, picked.shape[1])
+        logits[where] = picked[:, :, 0, 0]
+        return logits.permute(0, 3, 1, 2)  # (B, V, h, w), channels-last in memory like the conv output
 
 
 class Downsample(nn.Module):

@@ -68,6 +68,7 @@ class MeissonicPipeline(DiffusionPipeline):
     """Meissonic text-to-image. Components: `transformer`, `vqvae`, `text_encoder`, `tokenizer`, `scheduler`."""
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    quantization: dict | None = None  # {"transformer": method, "text_encoder": method} once quantized
 
     def __init__(
         self,
@@ -83,6 +84,8 @@ class MeissonicPipeline(DiffusionPipeline):
             vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
         )
         self.defaults = _sampling_defaults(transformer, defaults)
+        self.vq_tile: int | None = None  # decode images in tiles of this many tokens a side (None: whole)
+        self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see `encode_prompts_once`
         self.vae_scale_factor = downscale_factor(vqvae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False)
 
@@ -115,37 +118,57 @@ class MeissonicPipeline(DiffusionPipeline):
                              f"hub options {', '.join(HUB_OPTIONS)}")
         folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision, variant=variant, **hub)
         index = json.loads((folder / "model_index.json").read_text())
+        from .quantize import is_quantized_folder, load_quantized, quantization_method, saved_dtype
+
+        quantized = "transformer" not in components and is_quantized_folder(folder / "transformer")
         # safetensors only, unless the caller allows a component's pickle files (read with weights_only=True)
         weights = {name: {"use_safetensors": not weights_are_pickle(folder / name, allow_pickle), "variant": variant}
-                   for name in WEIGHTS if name not in components}
+                   for name in WEIGHTS if name not in components and not (name == "transformer" and quantized)}
         _check_before_loading(folder, weights, variant)
         # no dtype given: float32 for every part, whatever the files hold (diffusers' models upcast on their own,
-        # transformers' keep the file's half precision: a half-precision folder would load mixed and fail)
-        torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
+        # transformers' keep the file's half precision: a half-precision folder would load mixed and fail); a
+        # quantized transformer only loads in the precision it was quantized in, so then that one
+        if torch_dtype is None:
+            torch_dtype = saved_dtype(folder / "transformer") if quantized else torch.float32
 
         def text_encoder():
             model = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **weights["text_encoder"])
             return model.to(torch_dtype)
 
+        def transformer():
+            if quantized:
+                return load_quantized(folder / "transformer", dtype=torch_dtype)
+            return MeissonicTransformer.from_pretrained(folder / "transformer", **weights["transformer"],
+                                                        torch_dtype=torch_dtype)
+
         loaders = {
             "vqvae": lambda: VQModel.from_pretrained(folder / "vqvae", **weights["vqvae"], torch_dtype=torch_dtype),
             "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
             "text_encoder": text_encoder,
-            "transformer": lambda: MeissonicTransformer.from_pretrained(folder / "transformer",
-                                                                        **weights["transformer"],
-                                                                        torch_dtype=torch_dtype),
+            "transformer": transformer,
             "scheduler": lambda: MeissonicScheduler.from_pretrained(folder / "scheduler"),
         }
         parts = {name: components[name] if name in components else load() for name, load in loaders.items()}
         pipe = cls(**parts, defaults=index.get("_meissonic_defaults"))
+        if quantization_method(pipe.transformer) != "none":
+            pipe.quantization = {"transformer": quantization_method(pipe.transformer), "text_encoder": "none"}
         check_components(pipe)
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **unused) -> None:
         """Write the released layout: `model_index.json` plus one sub-folder per component."""
+        if self.text_encoder is None:
+            raise ValueError("the text encoder was released: a pipeline without it cannot be saved")
+        if self.quantization and self.quantization["text_encoder"] != "none":
+            raise ValueError("a quantized text encoder cannot be saved: quantize only the transformer to save")
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(out / "transformer")
+        if self.quantization:  # quantized weights and the method, which loading re-applies (see quantize.py)
+            from .quantize import save_quantized
+
+            save_quantized(self.transformer, out / "transformer", self.quantization["transformer"])
+        else:
+            self.transformer.save_pretrained(out / "transformer")
         self.vqvae.save_pretrained(out / "vqvae")
         self.text_encoder.save_pretrained(out / "text_encoder")
         save_tokenizer(self.tokenizer, out / "tokenizer")
@@ -171,16 +194,67 @@ class MeissonicPipeline(DiffusionPipeline):
         if text_encoder.is_dir():  # the run also trained the whole text encoder
             self.text_encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder).to(
                 self.text_encoder.device, self.text_encoder.dtype)
+        self.prompt_cache.clear()  # embeddings of the old text encoder
 
     # ------------------------------------------------------------------------------------------ generation
 
     def encode_prompt(
         self, prompts: list[str], device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (pooled `prompt_embeds` (B, P), `encoder_hidden_states` (B, 77, C))."""
-        hidden, pooled = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        """Prompts -> (pooled `prompt_embeds` (B, P), `encoder_hidden_states` (B, 77, C)).
+
+        Prompts encoded by `encode_prompts_once` come from its cache; the others need the text encoder."""
         device = device or self._execution_device
+        if all(p in self.prompt_cache for p in prompts):
+            pooled = torch.cat([self.prompt_cache[p][0] for p in prompts])
+            hidden = torch.cat([self.prompt_cache[p][1] for p in prompts])
+        elif self.text_encoder is None:
+            missing = [p for p in prompts if p not in self.prompt_cache]
+            raise ValueError(f"prompt {missing[0]!r} was not encoded before the text encoder was released: pass every "
+                             f"prompt (and negative prompt) to encode_prompts_once first")
+        else:
+            hidden, pooled = encode_prompts(self.tokenizer, self.text_encoder, prompts)
         return pooled.to(device), hidden.to(device)
+
+    def encode_prompts_once(self, prompts: Sequence[str], release: bool = False, batch_size: int = 32) -> None:
+        """Encode these prompts now and keep their embeddings, so generation reuses them; with `release`, then
+        drop the text encoder (its memory is freed before sampling; prompts not encoded here fail clearly)."""
+        if self.text_encoder is None:
+            raise ValueError("the text encoder was released already")
+        todo = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            hidden, pooled = encode_prompts(self.tokenizer, self.text_encoder, chunk)
+            for i, prompt in enumerate(chunk):
+                self.prompt_cache[prompt] = (pooled[i:i + 1], hidden[i:i + 1])
+        if release:
+            self.release_text_encoder()
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder's memory; only prompts in `prompt_cache` can be used afterwards."""
+        import gc
+
+        on_cuda = self.text_encoder is not None and self.text_encoder.device.type == "cuda"
+        self.text_encoder = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def enable_vq_tiling(self, tile: int | None = 32) -> None:
+        """Decode images in overlapping tiles of `tile` tokens a side (blended, no seams): less memory for large
+        images. None decodes whole."""
+        self.vq_tile = tile
+
+    def quantize(self, method: str, text_encoder: bool = False) -> None:
+        """Quantize the transformer's weights (and the text encoder's with `text_encoder`) in place, with
+        `meissonic.quantize.quantize` (none, int8, fp8, int4). Call after moving the pipeline to its device."""
+        from .quantize import quantize
+
+        quantize(self.transformer, method, device=self.transformer.device)
+        if text_encoder and self.text_encoder is not None:
+            quantize(self.text_encoder, method, device=self.text_encoder.device)
+        if method != "none":
+            self.quantization = {"transformer": method, "text_encoder": method if text_encoder else "none"}
 
     @property
     def max_side(self) -> int:
@@ -278,7 +352,8 @@ class MeissonicPipeline(DiffusionPipeline):
                 micro_conds=micro_conds,
                 timestep=timestep,
                 cache=cache,
-            )  # (B or 2B, V, h, w)
+                logits_for=model_input == mask_id,  # the sampler reads masked tokens' logits only
+            )  # (B or 2B, V, h, w); 0 at known tokens
             if use_cfg:
                 uncond, cond = logits.chunk(2)
                 logits = guided_logits(uncond, cond, guidance_scale)
@@ -313,7 +388,7 @@ class MeissonicPipeline(DiffusionPipeline):
         if output_type == "latent":
             output = tokens
         else:
-            images = decode_tokens(self.vqvae, tokens)  # (B, 3, H, W) in [0, 1]
+            images = decode_tokens(self.vqvae, tokens, tile=self.vq_tile)  # (B, 3, H, W) in [0, 1]
             output = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(output) if return_dict else (output,)

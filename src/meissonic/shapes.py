@@ -33,6 +33,7 @@ PLACES = {"left": "on the left", "right": "on the right", "top": "at the top", "
 RELATIONS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
              "above": ("top", "bottom"), "below": ("bottom", "top")}
 SHORT_CAPTIONS = 0.25  # share of captions without ", on a ... background"
+JITTER = 0.04  # default largest shift of an object's center, as a share of the side
 HELD_OUT = {("purple", "triangle"), ("orange", "circle"), ("green", "star"), ("yellow", "diamond")}
 
 
@@ -101,12 +102,12 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"shape {shape!r} is not one of {SHAPES}")
 
 
-def render(scene: Scene, side: int = 256, rng: random.Random | None = None, jitter: float = 0.04) -> Image.Image:
+def render(scene: Scene, side: int = 256, rng: random.Random | None = None, jitter: float = JITTER) -> Image.Image:
     """Draw the scene (supersampled 4x for clean edges); centers move by up to `jitter` of the side."""
     return draw(scene, side, jitters(scene, rng, jitter))
 
 
-def jitters(scene: Scene, rng: random.Random | None, jitter: float = 0.04) -> list[tuple[float, float]]:
+def jitters(scene: Scene, rng: random.Random | None, jitter: float = JITTER) -> list[tuple[float, float]]:
     """The (dx, dy) shift of each object's center, as shares of the side (none without `rng`)."""
     if rng is None:
         return [(0.0, 0.0)] * len(scene.objects)
@@ -135,8 +136,12 @@ def _png(job: tuple[Scene, int, list[tuple[float, float]]]) -> bytes:
     return buffer.getvalue()
 
 
-def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: bool = False) -> Path:
-    """Write `num` scenes as parquet to `out` (a .parquet file); returns it. Refuses to overwrite."""
+def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: bool = False,
+                 jitter: float = JITTER) -> Path:
+    """Write `num` scenes as parquet to `out` (a .parquet file); returns it. Refuses to overwrite.
+
+    Each object's center moves by up to `jitter` of the side (0: every object exactly at its named place); the scenes
+    drawn for a seed are the same whatever the jitter."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -144,6 +149,8 @@ def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: 
         raise ValueError(f"--num {num}: must be at least 1")
     if side < 64 or side % 16:
         raise ValueError(f"--size {side}: must be a multiple of 16, at least 64")
+    if not 0 <= jitter <= 0.1:
+        raise ValueError(f"--jitter {jitter}: must be between 0 and 0.1 (a share of the image side)")
     out = Path(out)
     if out.suffix != ".parquet":
         out = out / "shapes.parquet"
@@ -154,7 +161,7 @@ def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: 
     jobs, captions = [], []
     for _ in range(num):  # scenes and jitter drawn in order (the data set is fixed by the seed) ...
         scene = random_scene(rng, held_out)
-        jobs.append((scene, side, jitters(scene, rng)))
+        jobs.append((scene, side, jitters(scene, rng, jitter)))
         # a quarter of the captions leave the background unsaid, so prompts without one work too
         captions.append(scene.caption(background=wording.random() >= SHORT_CAPTIONS))
     workers = min(os.cpu_count() or 1, 8, max(1, num // 256))

@@ -165,8 +165,13 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope = rope_table(torch.cat([txt_ids, img_ids], dim=0), list(self.config.axes_dims_rope))  # (L+N, d)
         return Conditions(context=context, pooled=pooled, rope=rope)
 
-    def predict(self, hidden_states: torch.Tensor, timestep: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w)."""
+    def predict(self, hidden_states: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
+                logits_for: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w).
+
+        `logits_for` (B, h, w) bool: the output head runs only at these positions (the sampler only reads the logits
+        of masked tokens); the others are 0. Their values are the same as a full head's.
+        """
         height, width = hidden_states.shape[-2:]
         x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
         batch, dim, rows, cols = x.shape
@@ -186,7 +191,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.project_from_hidden(self.project_from_hidden_norm(x[:, n_ctx:]))  # (B, N, D)
         x = x.transpose(1, 2).reshape(batch, dim, rows, cols)  # (B, D, h', w')
         x = self.up_block(x)[..., :height, :width]  # (B, D, h, w)
-        return self.mlm_layer(x)  # (B, codebook_size, h, w)
+        return self.mlm_layer(x, logits_for)  # (B, codebook_size, h, w)
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -204,11 +209,13 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         micro_conds: torch.Tensor | None = None,
         return_dict: bool = True,
         cache: ConditionCache | None = None,
+        logits_for: torch.Tensor | None = None,
         **unused,
     ):
         """Reference-compatible call; returns the logits tensor (or `(logits,)` when `return_dict=False`).
 
         With a `cache`, the step-invariant conditioning is computed on the first call and reused after.
+        `logits_for` (B, h, w) bool limits the output head to those positions (see `predict`).
         """
         conditions = cache.conditions if cache is not None else None
         if conditions is None:
@@ -219,7 +226,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             if cache is not None:
                 cache.conditions = conditions
-        logits = self.predict(hidden_states, timestep, conditions)
+        logits = self.predict(hidden_states, timestep, conditions, logits_for)
         return logits if return_dict else (logits,)
 
 

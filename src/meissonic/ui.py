@@ -241,13 +241,14 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
 
 def launch(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, max_queue: int = 16,
            concurrency: int = 1, dtype=None, device=None, block: bool = True, max_file_size: str = "20mb",
-           allow_pickle: bool = False):
-    """Load the model once and serve the app; returns (app, local URL)."""
+           allow_pickle: bool = False, options=None):
+    """Load the model once and serve the app; returns (app, local URL). `options`: a `runtime.RunOptions`
+    (quantization, offload, compile, tiled decoding)."""
     from .cli_common import load_pipeline
+    from .runtime import RunOptions, prepare
 
     pipe = load_pipeline(model, dtype, allow_pickle)
-    if device is not None:
-        pipe.to(device)
+    prepare(pipe, device if device is not None else pipe.device, options or RunOptions())
     pipe.set_progress_bar_config(disable=True)
     app = build_app(Studio(pipe, model), max_queue=max_queue, concurrency=concurrency)
     _, url, _ = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,

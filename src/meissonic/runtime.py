@@ -1,0 +1,119 @@
+"""How a loaded pipeline runs: precision choice, quantization, offload, compilation, tiled decoding, process share.
+
+Shared by the image commands, the eval, the UI and the benchmark, so each option means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+OFFLOADS = ("none", "model", "sequential")
+# On a CPU with native bf16 (AVX512-BF16 or AMX), bf16 is faster than fp32 once matmuls dominate the step. Small
+# models spend their time in element-wise work, where bf16's casts cost more than they save: they stay in fp32.
+# Measured with `meissonic bench` (README): the 5M-parameter demo runs no faster in bf16, the 1B architecture ~2x.
+CPU_BF16_MIN_PARAMS = 100_000_000
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (never fp16 on CPU: it is emulated, hundreds of times slower)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def auto_dtype(device: torch.device, transformer_params: int | None = None) -> torch.dtype:
+    """The precision `--dtype auto` picks: bf16 on CUDA (fp16 where bf16 is missing), bf16 on a CPU with native bf16
+    for models of at least `CPU_BF16_MIN_PARAMS` transformer parameters, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and transformer_params is not None and transformer_params >= CPU_BF16_MIN_PARAMS:
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def transformer_params(folder) -> int:
+    """Parameter count of a pipeline folder's transformer, from its config alone (built on the meta device)."""
+    from .transformer import MeissonicTransformer
+
+    with torch.device("meta"):
+        model = MeissonicTransformer.from_config(MeissonicTransformer.load_config(str(folder / "transformer")))
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class RunOptions:
+    """What `prepare` does to a loaded pipeline, in this order: LoRA is the caller's; then these."""
+
+    quantize: str = "none"  # none, int8, fp8, int4 (transformer weights)
+    quantize_text_encoder: bool = False
+    offload: str = "none"  # none, model (whole components to the GPU in turn), sequential (layer by layer)
+    compile: bool = False  # torch.compile the transformer blocks
+    vq_tile: int | None = None  # decode in tiles of this many tokens a side
+
+
+def prepare(pipe, device: torch.device, options: RunOptions) -> None:
+    """Place, quantize, offload and compile a loaded pipeline as `options` say; raises ValueError for combinations
+    that cannot work, naming them."""
+    if options.offload not in OFFLOADS:
+        raise ValueError(f"offload={options.offload!r} is not one of {', '.join(OFFLOADS)}")
+    if options.offload != "none" and device.type != "cuda":
+        raise ValueError(f"offload={options.offload!r} needs a CUDA GPU (the weights wait in CPU memory and move "
+                         f"to the GPU when used); on {device.type} everything is in one memory already")
+    if options.offload == "sequential" and options.quantize != "none":
+        raise ValueError("sequential offload moves weights layer by layer and cannot carry quantized weights: "
+                         "use offload 'model' with quantization")
+    if options.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+        if options.quantize != "none":
+            pipe.quantize(options.quantize, text_encoder=options.quantize_text_encoder)
+        if options.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+    if options.compile:
+        compile_transformer(pipe.transformer)
+    pipe.enable_vq_tiling(options.vq_tile)
+
+
+def compile_transformer(transformer) -> None:
+    """torch.compile each transformer block in place (the blocks are the work; the rest stays eager, so the
+    masked-only output head and the condition cache keep working). The first step pays the compilation."""
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.compile()
+
+
+@dataclass
+class ProcessShare:
+    """This process's place among the ranks that `torchrun` or `accelerate launch` started (one process: 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    def take(self, items: list) -> list:
+        """This rank's share: every world-th item from its rank, so shares differ by at most one."""
+        return items[self.rank::self.world]
+
+
+def process_share() -> ProcessShare:
+    """Read the ranks from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, as torchrun and accelerate set
+    them). The ranks only split the work: each writes its own images, nothing is exchanged between them."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r}: "
+                         f"not whole numbers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: a rank must lie in [0, WORLD_SIZE)")
+    return ProcessShare(rank, world, local_rank)
+
+
+def rank_device(device: torch.device, share: ProcessShare) -> torch.device:
+    """With several ranks on CUDA and no GPU index given, each rank takes the GPU of its local rank."""
+    if device.type == "cuda" and device.index is None and share.world > 1:
+        return torch.device("cuda", share.local_rank % torch.cuda.device_count())
+    return device

@@ -1,0 +1,77 @@
+"""`meissonic bench`: rows per precision and quantization, each in its own process, with the figures it promises."""
+
+import json
+
+import pytest
+import torch
+
+from meissonic.bench import BenchSpec, fixed_inputs, format_table, random_pipeline, run_row, seed_format
+from meissonic.cli import main
+
+
+def test_random_pipeline_is_built_in_the_asked_precision_and_generates():
+    pipe = random_pipeline("tiny", torch.bfloat16, torch.device("cpu"))
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in pipe.text_encoder.parameters())
+    ids = pipe.text_encoder.text_model.embeddings.position_ids
+    assert torch.equal(ids[0], torch.arange(ids.shape[-1]))
+    pipe.set_progress_bar_config(disable=True)
+    tokens = pipe(prompt="a red circle", num_inference_steps=2, output_type="latent").images
+    assert tokens.shape == (1, 8, 8) and (tokens < pipe.transformer.config.codebook_size).all()
+
+
+def test_random_pipeline_quantized_while_built_is_smaller():
+    from meissonic.quantize import weight_bytes
+
+    plain = random_pipeline("small", torch.float32, torch.device("cpu"))
+    int8 = random_pipeline("small", torch.float32, torch.device("cpu"), quantize="int8")
+    assert weight_bytes(int8.transformer) < 0.4 * weight_bytes(plain.transformer)
+    inputs = fixed_inputs(plain.transformer.config, (8, 8), 128, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(int8.transformer(**inputs)).all()
+
+
+def test_one_row_in_process_reports_every_figure():
+    row = run_row(BenchSpec(preset="tiny", dtype="fp32", steps=3, device="cpu"))
+    for key in ("text_s", "first_step_s", "step_s", "decode_s", "total_s", "peak_rss_gb", "weights_gb"):
+        assert row[key] > 0, key
+    assert row["total_s"] >= row["text_s"] + row["decode_s"]
+    assert row["steps"] == 3 and row["resolution"] == 128
+
+
+@pytest.mark.slow
+def test_bench_command_rows_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--steps", "2", "--dtypes", "fp32,bf16", "--quantize", "none,int8",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["quantize"]) for r in rows] == [("fp32", "none"), ("fp32", "int8"), ("bf16", "none"),
+                                                          ("bf16", "int8")]
+    assert rows[0]["top1_agreement"] == 1.0  # fp32 against its own reference, in another process
+    assert all(0 <= r["top1_agreement"] <= 1 for r in rows)
+    assert rows[1]["weights_gb"] < rows[0]["weights_gb"] and rows[2]["weights_gb"] < rows[0]["weights_gb"]
+    assert "| precision | quantize |" in printed and "FP32: " in printed and "BF16 int8: " in printed
+
+
+def test_seed_format_and_table():
+    row = {"dtype": "bf16", "quantize": "int8", "total_s": 2.314, "peak_rss_gb": 3.21, "text_s": 0.1,
+           "step_s": 0.03, "decode_s": 0.4, "weights_gb": 1.0, "top1_agreement": 0.985,
+           "release_text_encoder": True, "vq_tile": 32, "compile": False}
+    assert seed_format(row) == "BF16 int8: 2.31 s / 3.2 GB"
+    table = format_table([row])
+    assert "98.5%" in table and "+release TE" in table and "+tile 32" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtypes", "fp64"], "--dtypes 'fp64': choose from fp32, bf16, fp16"),
+    (["--quantize", "int3"], "--quantize 'int3': choose from none, int8, fp8, int4"),
+    (["--dtypes", "fp16", "--device", "cpu"], "fp16 on CPU"),
+    (["--resolution", "100"], "--resolution 100: must be a positive multiple of 16"),
+    (["--preset", "huge"], "--preset 'huge': choose from"),
+    (["--offload", "model", "--device", "cpu"], "--offload model: needs a CUDA GPU"),
+])
+def test_bench_errors_are_one_line(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

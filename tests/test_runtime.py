@@ -1,0 +1,227 @@
+"""How a pipeline runs: masked-only output head, prompts encoded once and the text encoder released, precision
+choice, process shares, batched and multi-process generation from the CLI, run-option errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meissonic.cli import main
+from meissonic.pipeline import MeissonicPipeline
+from meissonic.presets import build_pipeline
+from meissonic.runtime import (
+    CPU_BF16_MIN_PARAMS,
+    ProcessShare,
+    auto_dtype,
+    process_share,
+    transformer_params,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_pipeline("tiny", seed=3)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _inputs(transformer, grid=(6, 5), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    tokens = torch.randint(0, cfg.codebook_size, (2, *grid), generator=gen)
+    tokens[torch.rand(2, *grid, generator=gen) < 0.4] = transformer.mask_token_id
+    return dict(
+        hidden_states=tokens,
+        encoder_hidden_states=torch.randn(2, 77, cfg.joint_attention_dim, generator=gen),
+        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=gen),
+        micro_conds=torch.tensor([[128.0, 128, 0, 0, 6]]).expand(2, -1),
+        timestep=torch.tensor([0.4, 0.6]),
+    )
+
+
+def test_masked_only_head_matches_the_full_head_where_asked_and_is_zero_elsewhere(pipe):
+    inputs = _inputs(pipe.transformer)
+    where = inputs["hidden_states"] == pipe.transformer.mask_token_id
+    with torch.no_grad():
+        full = pipe.transformer(**inputs)
+        part = pipe.transformer(**inputs, logits_for=where)
+    assert part.shape == full.shape
+    picked = where[:, None].expand_as(full)
+    torch.testing.assert_close(part[picked], full[picked], rtol=1e-5, atol=1e-5)
+    assert part[~picked].abs().max() == 0
+    assert full[~picked].abs().max() > 0  # the head really was skipped there
+
+
+def test_sampling_with_the_masked_only_head_picks_the_same_tokens(pipe, monkeypatch):
+    def run():
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        return pipe(prompt="a red circle", num_images_per_prompt=2, generator=gens, output_type="latent").images
+
+    fast = run()
+    forward = pipe.transformer.forward
+
+    def full_head(*args, logits_for=None, **kwargs):
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", full_head)
+    assert torch.equal(run(), fast)
+
+
+def test_prompts_encoded_once_then_the_text_encoder_released(tiny_folder, tmp_path):
+    pipe = MeissonicPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(prompt=["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images
+
+    before = run()
+    pipe.encode_prompts_once(["a red circle", "a blue square", ""], release=True)
+    assert pipe.text_encoder is None
+    assert torch.equal(run(), before)  # the cached embeddings are the encoder's own
+    with pytest.raises(ValueError, match="'a green star' was not encoded before the text encoder was released"):
+        pipe(prompt="a green star", output_type="latent")
+    with pytest.raises(ValueError, match="text encoder was released"):
+        pipe.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_auto_precision(monkeypatch, tiny_folder):
+    import meissonic.runtime as runtime
+
+    cpu = torch.device("cpu")
+    small = transformer_params(tiny_folder)
+    assert 0 < small < CPU_BF16_MIN_PARAMS
+    assert auto_dtype(cpu, small) == torch.float32
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert auto_dtype(cpu, CPU_BF16_MIN_PARAMS) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert auto_dtype(cpu, CPU_BF16_MIN_PARAMS) == torch.float32  # never fp16 on CPU, and no bf16 without hardware
+    assert auto_dtype(cpu, None) == torch.float32
+
+
+def test_the_1b_architecture_counts_as_large():
+    from meissonic.presets import get_preset
+    from meissonic.transformer import MeissonicTransformer
+
+    with torch.device("meta"):
+        model = MeissonicTransformer(**get_preset("meissonic").transformer)
+    assert sum(p.numel() for p in model.parameters()) > 5 * CPU_BF16_MIN_PARAMS
+
+
+def test_process_share_from_the_launcher_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert process_share() == ProcessShare(0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    share = process_share()
+    assert share.take(list(range(8))) == [1, 4, 7]
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValueError, match="RANK=3 and WORLD_SIZE=3"):
+        process_share()
+
+
+def _images(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+PROMPTS = ["a red circle", "a blue square on the left", "a small green star", "a purple diamond"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_by_one(tiny_folder, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    assert main(["generate", "--prompts-file", str(prompts_file), "--model", str(tiny_folder), "--seed", "7",
+                 "--num-images", "2", "--out", str(out)]) == 0
+    return _images(out)
+
+
+def test_batched_prompts_give_the_images_of_one_by_one(tiny_folder, prompts_file, one_by_one, tmp_path):
+    assert len(one_by_one) == 8
+    assert main(["generate", "--prompts-file", str(prompts_file), "--model", str(tiny_folder), "--seed", "7",
+                 "--num-images", "2", "--batch-size", "3", "--release-text-encoder", "--out", str(tmp_path)]) == 0
+    batched = _images(tmp_path)
+    assert batched.keys() == one_by_one.keys()
+    for name, image in batched.items():  # same seeds per image; batch arithmetic may differ in the last bits
+        assert np.abs(image.astype(int) - one_by_one[name]).mean() < 1.0, name
+
+
+def test_ranks_write_their_share_and_together_the_whole(tiny_folder, prompts_file, one_by_one, tmp_path,
+                                                        monkeypatch):
+    for rank in range(2):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        out = tmp_path / f"rank{rank}"
+        assert main(["generate", "--prompts-file", str(prompts_file), "--model", str(tiny_folder), "--seed", "7",
+                     "--num-images", "2", "--out", str(out)]) == 0
+        assert len(_images(out)) == 4  # two prompts of four, two images each
+    together = {**_images(tmp_path / "rank0"), **_images(tmp_path / "rank1")}
+    assert together.keys() == one_by_one.keys()
+    for name, image in together.items():
+        assert np.array_equal(image, one_by_one[name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_a_prompts_file(tiny_folder, prompts_file, one_by_one, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "meissonic", "generate", "--prompts-file",
+                           str(prompts_file), "--model", str(tiny_folder), "--seed", "7", "--num-images", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made = _images(tmp_path)
+    assert made.keys() == one_by_one.keys()
+    for name, image in made.items():
+        assert np.abs(image.astype(int) - one_by_one[name]).mean() < 1.0, name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--offload"], "needs a CUDA GPU"),
+    (["--offload", "sequential"], "needs a CUDA GPU"),
+    (["--quantize-text-encoder"], "--quantize-text-encoder needs --quantize"),
+    (["--vq-tile", "2"], "--vq-tile 2: must be at least 4"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--dtype", "fp16", "--device", "cpu"], "fp16 on CPU"),
+])
+def test_run_option_errors_are_one_line(tiny_folder, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", str(tiny_folder), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_quantized_and_tiled_generation_from_the_cli(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", str(tiny_folder), "--seed", "1", "--quantize", "int8",
+                 "--vq-tile", "4", "--out", str(out)]) == 0
+    (path,) = out.glob("*.png")
+    image = Image.open(path)
+    assert image.size == (128, 128)
+    assert '"quantize": "int8"' in image.info["parameters"]
+
+
+def test_compiled_blocks_give_the_eager_logits(pipe):
+    from meissonic.runtime import compile_transformer
+
+    model = build_pipeline("tiny", seed=3).transformer.eval()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        eager = model(**inputs)
+        compile_transformer(model)
+        compiled = model(**inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
