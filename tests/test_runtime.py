@@ -225,3 +225,30 @@ def test_compiled_blocks_give_the_eager_logits(pipe):
         compile_transformer(model)
         compiled = model(**inputs)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_copy_loads_quantized_in_its_precision_and_generates(tiny_folder, tmp_path):
+    copy = tmp_path / "tiny-int8"
+    assert main(["convert", "--model", str(tiny_folder), "--out", str(copy), "--dtype", "bf16",
+                 "--quantize", "int8"]) == 0
+    assert (copy / "transformer" / "quantization.json").is_file()
+    pipe = MeissonicPipeline.from_pretrained(copy)  # no dtype: the one it was quantized in, for every part
+    assert pipe.quantization == {"transformer": "int8", "text_encoder": "none"}
+    assert pipe.text_encoder.dtype == torch.bfloat16 and pipe.vqvae.dtype == torch.bfloat16
+    from meissonic.quantize import weight_bytes
+
+    plain = MeissonicPipeline.from_pretrained(tiny_folder, torch_dtype=torch.bfloat16)
+    assert weight_bytes(pipe.transformer) < weight_bytes(plain.transformer)
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", str(copy), "--seed", "0", "--out", str(out)]) == 0
+    (path,) = out.glob("*.png")
+    assert '"dtype": "bfloat16"' in Image.open(path).info["parameters"]
+    with pytest.raises(ValueError, match="loads only in it"):
+        MeissonicPipeline.from_pretrained(copy, torch_dtype=torch.float32)
+
+
+def test_convert_refuses_fp16_quantization_on_cpu(tiny_folder, tmp_path, capsys):
+    assert main(["convert", "--model", str(tiny_folder), "--out", str(tmp_path / "x"), "--dtype", "fp16",
+                 "--quantize", "int8"]) == 2
+    assert "GPU-only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

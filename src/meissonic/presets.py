@@ -127,7 +127,7 @@ PRESETS: dict[str, Preset] = {
         _transformer(2, 4, 3, 64, [16, 24, 24], 64, 512, 513, True, "mask_rate"),
         # one norm group: GroupNorm over groups of 2 channels (16 channels, 8 groups) keeps only the sign pattern of a
         # flat region's features, so plain-coloured shapes lose their hue; over all channels the colour survives
-        _vq([16, 32, 64, 64], 16, 512, 1, 1), _text(64, 3, 2, 192, positions=32), resolution=128, steps=12, guidance=3.0,
+        _vq([16, 32, 64, 64], 16, 512, 1, 1), _text(64, 3, 2, 192, positions=32), resolution=128, steps=12, guidance=1.5,
     ),
     "tiny-nods": Preset(
         "the tiny model without the 2x feature compression (Monetico's layout)",
