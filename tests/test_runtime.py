@@ -252,3 +252,29 @@ def test_convert_refuses_fp16_quantization_on_cpu(tiny_folder, tmp_path, capsys)
                  "--quantize", "int8"]) == 2
     assert "GPU-only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_on_cuda_gives_the_images_of_plain_cuda(tiny_folder, offload):
+    from meissonic.runtime import RunOptions, prepare
+
+    def run(options):
+        pipe = MeissonicPipeline.from_pretrained(tiny_folder)
+        prepare(pipe, torch.device("cuda"), options)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt="a red circle", generator=torch.Generator("cuda").manual_seed(0), output_type="np").images
+
+    np.testing.assert_allclose(run(RunOptions(offload=offload)), run(RunOptions()), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["int8", "fp8", "int4"])
+def test_quantized_generation_on_cuda(tiny_folder, method):
+    from meissonic.runtime import RunOptions, prepare
+
+    pipe = MeissonicPipeline.from_pretrained(tiny_folder, torch_dtype=torch.bfloat16)
+    prepare(pipe, torch.device("cuda"), RunOptions(quantize=method))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt="a red circle", num_inference_steps=4, output_type="np").images
+    assert np.isfinite(images).all() and images.shape == (1, 128, 128, 3)
