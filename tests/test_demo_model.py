@@ -60,16 +60,19 @@ def test_the_demo_loads_as_float32_from_half_precision_files(demo_pipe):
 
 
 def test_the_demo_draws_what_the_prompt_says(demo_pipe):
-    # 12 prompts per category with the shipped defaults (the README has the 50-per-category figures). Colours and
-    # places are what it does well; shapes are still often blobs (issue 4 stays open for that). The bars sit well
-    # under what it scores (12/12, 12/12, 4/12, 11/12, 9/12) so a machine whose floats differ cannot fail them by luck.
+    # 12 prompts per category with the shipped defaults (the README has the 50-per-category figures). Single objects
+    # and pairs it draws right most of the time; held-out colour-shape pairs often come out in a shape it knows for
+    # that colour (issue 4 stays open for that). The bars sit well under what it scores (single fully right 11/12,
+    # pairs fully right 8/12, relation 12/12, held-out colour 8/12) so a machine whose floats differ cannot fail them
+    # by luck, yet the last model (fully right 4/12 and 1/12 of pairs) would.
     result = run_eval(pipeline_images(demo_pipe, None, None, seed=0), num=12, seed=0)
     summary = result["summary"]
-    assert summary["single"]["colour"] >= 9 / 12, summary
-    assert summary["single"]["position"] >= 8 / 12, summary
-    assert summary["single"]["fully_right"] >= 1 / 12, summary
-    assert summary["two objects"]["colour"] >= 6 / 12, summary
-    assert summary["two objects"]["relation"] >= 4 / 12, summary
+    assert summary["single"]["colour"] >= 10 / 12, summary
+    assert summary["single"]["position"] >= 10 / 12, summary
+    assert summary["single"]["fully_right"] >= 8 / 12, summary
+    assert summary["two objects"]["relation"] >= 9 / 12, summary
+    assert summary["two objects"]["fully_right"] >= 5 / 12, summary
+    assert summary["held-out"]["colour"] >= 5 / 12, summary
 
 
 def test_the_demo_edits_keep_what_is_not_masked_and_draw_what_is(demo_pipe):
