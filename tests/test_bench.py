@@ -65,7 +65,7 @@ def test_seed_format_and_table():
 
 @pytest.mark.parametrize("argv, message", [
     (["--dtypes", "fp64"], "--dtypes 'fp64': choose from fp32, bf16, fp16"),
-    (["--quantize", "int3"], "--quantize 'int3': choose from none, int8, fp8, int4"),
+    (["--quantize", "int3"], "--quantize 'int3': choose from none, int8, int8-dynamic, fp8, int4"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 on CPU"),
     (["--resolution", "100"], "--resolution 100: must be a positive multiple of 16"),
     (["--preset", "huge"], "--preset 'huge': choose from"),

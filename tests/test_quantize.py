@@ -25,7 +25,8 @@ from meissonic.transformer import MeissonicTransformer
 
 SLOW_INT4 = pytest.mark.filterwarnings("ignore:int4 on CPU runs float32")  # expected warning, checked once below
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Every method in both CPU dtypes: fp32 int8 runs fbgemm, bf16 int8 torchao; fp8 and int4 are torchao in both.
+# Every method in both CPU dtypes: int8 is torchao weight-only in both; int8-dynamic runs fbgemm in fp32 and torchao's
+# dynamic-activation int8 in bf16; fp8 and int4 are torchao in both.
 CASES = [pytest.param(m, d, id=f"{m}-{name}") for m in QUANTIZE_METHODS for name, d in DTYPES.items()]
 # A transformer whose linears hold ~97% of the weights (1 double + 2 single blocks at width 256, no conv resampling).
 LINEAR_HEAVY = {
@@ -99,18 +100,20 @@ def test_weight_memory_against_fp32(linear_heavy, dtype):
     fp32 = weight_bytes(linear_heavy)
     assert fp32 == sum(p.numel() * 4 for p in linear_heavy.parameters())
     sizes = {m: weight_bytes(quantize(nn.Module.to(copy.deepcopy(linear_heavy), dtype), m)) / fp32
-             for m in ("int8", "fp8", "int4")}
-    # measured (fp32 / bf16 model): int8 0.284 (fbgemm) / 0.262 (torchao), fp8 0.278 / 0.261, int4 0.215 / 0.168
+             for m in ("int8", "int8-dynamic", "fp8", "int4")}
+    # measured (fp32 / bf16 model): int8-dynamic 0.284 (fbgemm) / -, fp8 0.278 / 0.261, int4 0.215 / 0.168
     assert sizes["int8"] <= 0.30, sizes
+    assert sizes["int8-dynamic"] <= 0.30, sizes
     assert sizes["fp8"] <= 0.30, sizes
     assert sizes["int4"] < sizes["int8"], sizes
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_int8_keeps_the_top1_tokens(dtype):
+@pytest.mark.parametrize("method", ["int8", "int8-dynamic"])
+def test_int8_keeps_the_top1_tokens(dtype, method):
     reference = logits(transformer(), grid=16)  # 512 positions
-    agreement = token_agreement(logits(quantize(transformer(dtype), "int8"), grid=16).float(), reference)
-    assert agreement >= 0.9  # measured 0.963 (fp32) and 0.984 (bf16)
+    agreement = token_agreement(logits(quantize(transformer(dtype), method), grid=16).float(), reference)
+    assert agreement >= 0.9, agreement
     # the bar separates: another random model, or int8 of scrambled weights, agrees by chance only (~2-4%)
     assert token_agreement(logits(transformer(seed=1), grid=16), reference) < 0.5
     scrambled = transformer(dtype)
@@ -145,7 +148,9 @@ def test_filter_fn_and_unsupported_shapes_are_skipped():
 
 
 @pytest.mark.parametrize("method,dtype", [
-    pytest.param("int8", torch.float32, id="int8-fp32-fbgemm"), pytest.param("int8", torch.bfloat16, id="int8-bf16"),
+    pytest.param("int8-dynamic", torch.float32, id="int8-dynamic-fp32-fbgemm"),
+    pytest.param("int8-dynamic", torch.bfloat16, id="int8-dynamic-bf16"),
+    pytest.param("int8", torch.float32, id="int8-fp32"), pytest.param("int8", torch.bfloat16, id="int8-bf16"),
     pytest.param("fp8", torch.float32, id="fp8-fp32"), pytest.param("int4", torch.bfloat16, id="int4-bf16"),
     pytest.param("none", torch.float32, id="none-fp32"),
 ])
@@ -236,10 +241,13 @@ def test_cuda_paths_are_chosen_by_capability(monkeypatch):
     assert _choose_scheme("fp8", cuda, bf16) == "fp8-dynamic"
     assert _choose_scheme("fp8", cuda, fp32) == "fp8-weight-only"
     assert _choose_scheme("int8", cuda, fp32) == "int8-weight-only"
+    assert _choose_scheme("int8-dynamic", cuda, bf16) == "int8-dynamic-torchao"
+    assert _choose_scheme("int8", torch.device("cpu"), fp32) == "int8-weight-only"  # the accurate one by default
     assert _choose_scheme("int4", cuda, bf16) == "int4-tinygemm-cuda"
     with pytest.raises(ValueError, match="bfloat16"):
         _choose_scheme("int4", cuda, fp32)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert _choose_scheme("fp8", cuda, bf16) == "fp8-weight-only"
-    for scheme in ("fp8-dynamic", "int4-tinygemm-cuda", "int8-weight-only", "fp8-weight-only", "int4-cpu"):
+    for scheme in ("fp8-dynamic", "int4-tinygemm-cuda", "int8-weight-only", "int8-dynamic-torchao", "fp8-weight-only",
+                   "int4-cpu"):
         assert type(_torchao_config(scheme)).__name__.endswith("Config")

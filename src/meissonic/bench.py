@@ -73,12 +73,13 @@ def materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
     """Give a meta-device model random weights in `dtype` on `device`, module by module; with `quantize`, each of
     `blocks` is quantized as soon as it exists, so the full-precision model never sits in memory whole."""
     from .quantize import quantize as quantize_module
+    from .runtime import release_freed_memory
 
     generator = torch.Generator().manual_seed(seed)
     done: set[int] = set()
+    torch.nn.Module.to(model, dtype)  # still on the meta device: memory comes next, directly in `dtype`
     for block in blocks or []:
         block.to_empty(device=device)
-        block.to(dtype)
         for module in block.modules():
             _fill_random(module, generator)
             done.add(id(module))
@@ -88,12 +89,11 @@ def materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
         if id(module) in done:
             continue
         module.to_empty(device=device, recurse=False)
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, name, torch.nn.Parameter(param.to(dtype), requires_grad=False))
         _fill_random(module, generator)
     if quantize != "none":  # the layers outside the blocks
         quantize_module(model, quantize, device=device, filter_fn=lambda m, fqn: id(m) not in done)
-    return model.eval()
+    release_freed_memory()
+    return model.eval().requires_grad_(False)
 
 
 def random_pipeline(preset: str, dtype: torch.dtype, device: torch.device, quantize: str = "none", seed: int = 0):

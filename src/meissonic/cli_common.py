@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE = ("none", "int8", "fp8", "int4")  # = quantize.QUANTIZE_METHODS (kept here: the parser imports no torch)
+QUANTIZE = ("none", "int8", "int8-dynamic", "fp8", "int4")  # = quantize.QUANTIZE_METHODS (kept here: the parser imports no torch)
 OFFLOADS = ("none", "model", "sequential")  # = runtime.OFFLOADS
 
 
@@ -20,7 +20,8 @@ def add_runtime_options(p) -> None:
                    "models (>= 100M transformer parameters) where the CPU has native bf16, else fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
-                   help="quantize the transformer's weights (torchao): less memory, a little quality (see README)")
+                   help="quantize the transformer's weights (torchao): less memory, a little quality; int8-dynamic "
+                        "also quantizes activations: fastest int8 on CPU, more quality lost (see README)")
     p.add_argument("--quantize-text-encoder", action="store_true", help="with --quantize: the text encoder's too")
     p.add_argument("--offload", nargs="?", const="model", default="none", choices=OFFLOADS,
                    help="GPU only: 'model' moves whole components to the GPU in turn, 'sequential' layer by layer "

@@ -232,11 +232,11 @@ class MeissonicPipeline(DiffusionPipeline):
 
     def release_text_encoder(self) -> None:
         """Free the text encoder's memory; only prompts in `prompt_cache` can be used afterwards."""
-        import gc
+        from .runtime import release_freed_memory
 
         on_cuda = self.text_encoder is not None and self.text_encoder.device.type == "cuda"
         self.text_encoder = None
-        gc.collect()
+        release_freed_memory()
         if on_cuda:
             torch.cuda.empty_cache()
 
