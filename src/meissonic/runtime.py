@@ -13,7 +13,8 @@ import torch
 OFFLOADS = ("none", "model", "sequential")
 # On a CPU with native bf16 (AVX512-BF16 or AMX), bf16 is faster than fp32 once matmuls dominate the step. Small
 # models spend their time in element-wise work, where bf16's casts cost more than they save: they stay in fp32.
-# Measured with `meissonic bench` (README): the 5M-parameter demo runs no faster in bf16, the 1B architecture ~2x.
+# Measured with `meissonic bench` (README): the 5M-parameter demo gains nothing reliable in bf16 (0.85-1.23x across
+# runs), the 1B architecture 1.4-2.4x per step.
 CPU_BF16_MIN_PARAMS = 100_000_000
 
 
