@@ -101,8 +101,7 @@ def random_pipeline(preset: str, dtype: torch.dtype, device: torch.device, quant
     from diffusers import VQModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from .pipeline import MeissonicPipeline, MeissonicScheduler
-    from .presets import clip_tokenizer, get_preset
+    from .presets import assemble_pipeline, get_preset
     from .transformer import MeissonicTransformer
 
     spec = get_preset(preset)
@@ -114,12 +113,7 @@ def random_pipeline(preset: str, dtype: torch.dtype, device: torch.device, quant
     materialize(transformer, dtype, device, seed, quantize, blocks)
     materialize(vqvae, dtype, device, seed + 1)
     materialize(text_encoder, dtype, device, seed + 2)
-    scheduler = MeissonicScheduler(mask_token_id=transformer.mask_token_id, masking_schedule=spec.masking_schedule)
-    pipe = MeissonicPipeline(vqvae=vqvae, tokenizer=clip_tokenizer(), text_encoder=text_encoder,
-                             transformer=transformer, scheduler=scheduler, defaults=spec.defaults)
-    if quantize != "none":
-        pipe.quantization = {"transformer": quantize, "text_encoder": "none"}
-    return pipe
+    return assemble_pipeline(spec, transformer, vqvae, text_encoder)
 
 
 def fixed_inputs(config, grid: tuple[int, int], resolution: int, device: torch.device, dtype: torch.dtype,
@@ -174,10 +168,9 @@ def run_row(spec: BenchSpec) -> dict:
     prepare(pipe, device, options)
     pipe.set_progress_bar_config(disable=True)
     build_s = time.perf_counter() - start
-    resolution = spec.resolution or pipe.defaults["resolution"]
+    resolution, grid = _image_size(spec, pipe)
     steps = spec.steps or pipe.defaults["steps"]
     guidance = pipe.defaults["guidance"] if spec.guidance is None else spec.guidance
-    grid = (resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     row = {"weights_gb": weight_bytes(pipe.transformer) / 2**30, "build_s": build_s}
 
     agreement = None
@@ -234,6 +227,12 @@ def run_row(spec: BenchSpec) -> dict:
     return row
 
 
+def _image_size(spec: BenchSpec, pipe) -> tuple[int, tuple[int, int]]:
+    """The row's image side (the model's default unless asked) and its token grid."""
+    resolution = spec.resolution or pipe.defaults["resolution"]
+    return resolution, (resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+
+
 def reference_tokens(spec: BenchSpec, out: str) -> None:
     """fp32, unquantized: the top-1 tokens of the fixed inputs, written to `out` (the agreement's reference)."""
     from .cli_common import load_pipeline
@@ -243,8 +242,7 @@ def reference_tokens(spec: BenchSpec, out: str) -> None:
         pipe = random_pipeline(spec.preset, torch.float32, device)
     else:
         pipe = load_pipeline(spec.model, torch.float32).to(device)
-    resolution = spec.resolution or pipe.defaults["resolution"]
-    grid = (resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    resolution, grid = _image_size(spec, pipe)
     with torch.no_grad():
         logits = pipe.transformer(**fixed_inputs(pipe.transformer.config, grid, resolution, device, torch.float32))
     torch.save(logits.float().cpu(), out)

@@ -21,6 +21,7 @@ from .cli_common import (
     UsageError,
     add_runtime_options,
     check_runtime_args,
+    check_vq_tile,
     load_pipeline,
     prepare_pipeline,
     reason,
@@ -260,8 +261,7 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 16")
     if args.steps is not None and args.steps < 1 or args.batch < 1:
         raise UsageError(f"--steps {args.steps} and --batch {args.batch}: must be at least 1")
-    if args.vq_tile is not None and args.vq_tile < 4:
-        raise UsageError(f"--vq-tile {args.vq_tile}: must be at least 4 tokens")
+    check_vq_tile(args.vq_tile)
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
     device = resolve_device(args.device)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .quantize import QUANTIZE_METHODS as QUANTIZE
+from .runtime import OFFLOADS
+
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE = ("none", "int8", "int8-dynamic", "fp8", "int4")  # = quantize.QUANTIZE_METHODS (kept here: the parser imports no torch)
-OFFLOADS = ("none", "model", "sequential")  # = runtime.OFFLOADS
 
 
 class UsageError(ValueError):
@@ -31,9 +32,13 @@ def add_runtime_options(p) -> None:
                    "(less memory for large images)")
 
 
+def check_vq_tile(tile: int | None) -> None:
+    if tile is not None and tile < 4:
+        raise UsageError(f"--vq-tile {tile}: must be at least 4 tokens")
+
+
 def check_runtime_args(args) -> None:
-    if args.vq_tile is not None and args.vq_tile < 4:
-        raise UsageError(f"--vq-tile {args.vq_tile}: must be at least 4 tokens")
+    check_vq_tile(args.vq_tile)
     if args.quantize_text_encoder and args.quantize == "none":
         raise UsageError("--quantize-text-encoder needs --quantize int8, fp8 or int4")
 

@@ -68,7 +68,6 @@ class MeissonicPipeline(DiffusionPipeline):
     """Meissonic text-to-image. Components: `transformer`, `vqvae`, `text_encoder`, `tokenizer`, `scheduler`."""
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
-    quantization: dict | None = None  # {"transformer": method, "text_encoder": method} once quantized
 
     def __init__(
         self,
@@ -118,7 +117,7 @@ class MeissonicPipeline(DiffusionPipeline):
                              f"hub options {', '.join(HUB_OPTIONS)}")
         folder = resolve_model_folder(pretrained_model_name_or_path, revision=revision, variant=variant, **hub)
         index = json.loads((folder / "model_index.json").read_text())
-        from .quantize import is_quantized_folder, load_quantized, quantization_method, saved_dtype
+        from .quantize import is_quantized_folder, load_quantized, saved_dtype
 
         quantized = "transformer" not in components and is_quantized_folder(folder / "transformer")
         # safetensors only, unless the caller allows a component's pickle files (read with weights_only=True)
@@ -150,8 +149,6 @@ class MeissonicPipeline(DiffusionPipeline):
         }
         parts = {name: components[name] if name in components else load() for name, load in loaders.items()}
         pipe = cls(**parts, defaults=index.get("_meissonic_defaults"))
-        if quantization_method(pipe.transformer) != "none":
-            pipe.quantization = {"transformer": quantization_method(pipe.transformer), "text_encoder": "none"}
         check_components(pipe)
         return pipe
 
@@ -250,11 +247,19 @@ class MeissonicPipeline(DiffusionPipeline):
         `meissonic.quantize.quantize` (none, int8, fp8, int4). Call after moving the pipeline to its device."""
         from .quantize import quantize
 
-        quantize(self.transformer, method, device=self.transformer.device)
+        quantize(self.transformer, method)
         if text_encoder and self.text_encoder is not None:
-            quantize(self.text_encoder, method, device=self.text_encoder.device)
-        if method != "none":
-            self.quantization = {"transformer": method, "text_encoder": method if text_encoder else "none"}
+            quantize(self.text_encoder, method)
+
+    @property
+    def quantization(self) -> dict | None:
+        """{"transformer": method, "text_encoder": method} when either is quantized (read from the models, which
+        `quantize` and `load_quantized` mark), else None."""
+        from .quantize import quantization_method
+
+        methods = {"transformer": quantization_method(self.transformer),
+                   "text_encoder": "none" if self.text_encoder is None else quantization_method(self.text_encoder)}
+        return None if set(methods.values()) == {"none"} else methods
 
     @property
     def max_side(self) -> int:

@@ -166,6 +166,11 @@ def build_pipeline(name: str, seed: int = 0) -> MeissonicPipeline:
         transformer = MeissonicTransformer(**preset.transformer)
         vqvae = VQModel(**preset.vqvae)
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder))
+    return assemble_pipeline(preset, transformer, vqvae, text_encoder)
+
+
+def assemble_pipeline(preset: Preset, transformer, vqvae, text_encoder) -> MeissonicPipeline:
+    """A preset's pipeline around models already built: the scheduler, the CLIP tokenizer and the defaults added."""
     scheduler = MeissonicScheduler(
         mask_token_id=transformer.mask_token_id, masking_schedule=preset.masking_schedule
     )
