@@ -3,6 +3,7 @@
 import io
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,3 +84,34 @@ def test_parallel_drawing_gives_the_images_of_the_sequential_order(tmp_path):
             got = Image.open(io.BytesIO(table["image"][row].as_py()["bytes"]))
             assert np.array_equal(np.asarray(got), np.asarray(expected)), row
             assert json.loads(table["scene"][row].as_py())["background"] == scene.background
+
+
+def test_partial_captions_leave_one_thing_unsaid_and_change_nothing_else(tmp_path, capsys):
+    from meissonic.shapes import Shape
+
+    star = Shape("star", "green", "large", "left")
+    assert star.phrase() == "a large green star"
+    assert [star.phrase(w) for w in ("size", "colour", "shape")] == [
+        "a green star", "a large star", "a large green shape"]
+    full = write_shapes(tmp_path / "full.parquet", 300, seed=2, side=64)
+    part = write_shapes(tmp_path / "part.parquet", 300, seed=2, side=64, partial=0.5)
+    a, b = pq.read_table(full), pq.read_table(part)
+    assert a["image"].to_pylist() == b["image"].to_pylist() and a["scene"].to_pylist() == b["scene"].to_pylist()
+    changed = 0
+    for caption, partial, scene in zip(a["caption"].to_pylist(), b["caption"].to_pylist(), a["scene"].to_pylist()):
+        if caption == partial:
+            continue
+        changed += 1
+        # exactly one word of one object is gone (its size or colour) or replaced by "shape"
+        objects = json.loads(scene)["objects"]
+        words, said = Counter(caption.replace(",", "").split()), Counter(partial.replace(",", "").split())
+        gone, added = words - said, said - words
+        assert sum(gone.values()) == 1, (caption, partial)
+        word = next(iter(gone))
+        attribute = next(k for k in ("size", "colour", "shape") if word in {o[k] for o in objects})
+        assert added == (Counter(["shape"]) if attribute == "shape" else Counter()), (caption, partial)
+    assert 100 < changed < 200  # about half of 300
+    assert main(["data", "shapes", "--num", "4", "--out", str(tmp_path / "z.parquet"),
+                 "--partial-captions", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--partial-captions 1.5" in err and "between 0 and 1" in err

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--held-out", action="store_true", help="only scenes with held-out colour-shape pairs")
     shapes.add_argument("--jitter", type=float, default=0.04,
                         help="largest shift of an object's center from its named place, as a share of the side")
+    shapes.add_argument("--partial-captions", type=float, default=0.0, metavar="SHARE",
+                        help="share of captions that leave one object's size, colour or shape unsaid (default 0)")
     shapes.set_defaults(run=data_shapes)
 
     ev = verbs.add_parser("eval", help="judge generated images automatically")
@@ -344,7 +346,7 @@ def data_shapes(args: argparse.Namespace) -> int:
     from .shapes import write_shapes
 
     path = write_shapes(args.out, args.num, seed=args.seed, side=args.size, held_out=args.held_out,
-                       jitter=args.jitter)
+                       jitter=args.jitter, partial=args.partial_captions)
     print(f"wrote {path} ({args.num} images, {args.size}x{args.size})")
     return 0
 

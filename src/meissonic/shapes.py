@@ -33,6 +33,7 @@ PLACES = {"left": "on the left", "right": "on the right", "top": "at the top", "
 RELATIONS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
              "above": ("top", "bottom"), "below": ("bottom", "top")}
 SHORT_CAPTIONS = 0.25  # share of captions without ", on a ... background"
+OMITTABLE = ("size", "colour", "shape")  # what a partial caption may leave unsaid about one object
 JITTER = 0.04  # default largest shift of an object's center, as a share of the side
 HELD_OUT = {("purple", "triangle"), ("orange", "circle"), ("green", "star"), ("yellow", "diamond")}
 
@@ -44,8 +45,11 @@ class Shape:
     size: str
     position: str
 
-    def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape}"
+    def phrase(self, omit: str | None = None) -> str:
+        """'a large red circle'; `omit` leaves the size or colour unsaid, or names the shape only as 'shape'."""
+        words = [self.size if omit != "size" else "", self.colour if omit != "colour" else "",
+                 self.shape if omit != "shape" else "shape"]
+        return "a " + " ".join(w for w in words if w)
 
 
 @dataclass
@@ -54,11 +58,13 @@ class Scene:
     background: str
     relation: str | None = None
 
-    def caption(self, background: bool = True) -> str:
+    def caption(self, background: bool = True, omit: tuple[int, str] | None = None) -> str:
+        """The exact caption; `omit=(i, what)` leaves `what` (one of OMITTABLE) of object i unsaid."""
+        said = [o.phrase(omit[1] if omit and omit[0] == i else None) for i, o in enumerate(self.objects)]
         if len(self.objects) == 1:
-            body = f"{self.objects[0].phrase()} {PLACES[self.objects[0].position]}"
+            body = f"{said[0]} {PLACES[self.objects[0].position]}"
         else:
-            body = f"{self.objects[0].phrase()} {self.relation} {self.objects[1].phrase()}"
+            body = f"{said[0]} {self.relation} {said[1]}"
         return f"{body}, on a {self.background} background" if background else body
 
     def to_json(self) -> str:
@@ -137,11 +143,13 @@ def _png(job: tuple[Scene, int, list[tuple[float, float]]]) -> bytes:
 
 
 def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: bool = False,
-                 jitter: float = JITTER) -> Path:
+                 jitter: float = JITTER, partial: float = 0.0) -> Path:
     """Write `num` scenes as parquet to `out` (a .parquet file); returns it. Refuses to overwrite.
 
     Each object's center moves by up to `jitter` of the side (0: every object exactly at its named place); the scenes
-    drawn for a seed are the same whatever the jitter."""
+    drawn for a seed are the same whatever the jitter and the wording. A `partial` share of the captions leave one
+    thing about one object unsaid (its size, its colour, or its shape, said as "shape"); the images and the other
+    captions stay those of `partial=0`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -151,6 +159,8 @@ def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: 
         raise ValueError(f"--size {side}: must be a multiple of 16, at least 64")
     if not 0 <= jitter <= 0.1:
         raise ValueError(f"--jitter {jitter}: must be between 0 and 0.1 (a share of the image side)")
+    if not 0 <= partial <= 1:
+        raise ValueError(f"--partial-captions {partial}: must be between 0 and 1 (a share of the captions)")
     out = Path(out)
     if out.suffix != ".parquet":
         out = out / "shapes.parquet"
@@ -158,12 +168,17 @@ def write_shapes(out: Path, num: int, seed: int = 0, side: int = 256, held_out: 
         raise ValueError(f"{str(out)!r} exists; choose a new path")
     rng = random.Random(seed)
     wording = random.Random(seed + 1)  # its own stream: the scenes stay those of earlier versions
+    omitting = random.Random(seed + 2)  # and this one: other captions stay those of earlier versions
     jobs, captions = [], []
     for _ in range(num):  # scenes and jitter drawn in order (the data set is fixed by the seed) ...
         scene = random_scene(rng, held_out)
         jobs.append((scene, side, jitters(scene, rng, jitter)))
         # a quarter of the captions leave the background unsaid, so prompts without one work too
-        captions.append(scene.caption(background=wording.random() >= SHORT_CAPTIONS))
+        background = wording.random() >= SHORT_CAPTIONS
+        omit = None
+        if omitting.random() < partial:
+            omit = (omitting.randrange(len(scene.objects)), omitting.choice(OMITTABLE))
+        captions.append(scene.caption(background=background, omit=omit))
     workers = min(os.cpu_count() or 1, 8, max(1, num // 256))
     if workers > 1:  # ... and drawn on every core
         from concurrent.futures import ProcessPoolExecutor
