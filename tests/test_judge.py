@@ -11,7 +11,7 @@ from PIL import ImageFilter
 from meissonic.cli import main
 from meissonic.evaluate import prompt_set
 from meissonic.judge import analyze, judge, parse_prompt
-from meissonic.shapes import Scene, Shape, random_scene, render
+from meissonic.shapes import HELD_OUT, Scene, Shape, random_scene, render
 
 
 def test_judge_is_right_on_ground_truth():
@@ -79,11 +79,37 @@ def test_eval_command_on_ground_truth(tmp_path, capsys):
     report = tmp_path / "r.json"
     assert main(["eval", "shapes", "--ground-truth", "--num", "3", "--json", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "two objects" in out and "fully right" in out
+    assert "two objects" in out and "fully right" in out and "held-out pair" in out
     data = json.loads(report.read_text())
     assert data["summary"]["single"]["n"] == 3 and len(data["images"]) == 9
+    assert sum(e["n"] for e in data["held_out_pairs"].values()) == 3
     assert main(["eval", "shapes", "--ground-truth", "--num", "0"]) == 2
     assert "--num 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_breaks_held_out_down_per_pair_and_names_what_was_drawn_instead(capsys):
+    from meissonic.evaluate import format_held_out, ground_truth_images, run_eval
+
+    truth = ground_truth_images(0)
+    right = run_eval(truth, num=8, seed=0)["held_out_pairs"]
+    assert sum(e["n"] for e in right.values()) == 8
+    assert set(right) <= {"purple triangle", "orange circle", "green star", "yellow diamond"}
+    assert all(e["pair_right"] == 1.0 and e["instead"] == {} for e in right.values()), right
+
+    def squares_for_held_out(scene, index):  # the held-out object drawn as a square (or a circle, for squares)
+        first = scene.objects[0]
+        if (first.colour, first.shape) in HELD_OUT:
+            scene = Scene([replace(first, shape="circle" if first.shape == "square" else "square"),
+                           *scene.objects[1:]], scene.background, scene.relation)
+        return truth(scene, index)
+
+    wrong = run_eval(squares_for_held_out, num=8, seed=0)
+    assert wrong["summary"]["single"]["fully_right"] == 1.0  # the seen pairs are untouched
+    pairs = wrong["held_out_pairs"]
+    assert all(e["pair_right"] == 0.0 and e["fully_right"] == 0.0 for e in pairs.values()), pairs
+    assert all(e["instead"] == {"square": e["n"]} for e in pairs.values()), pairs
+    table = format_held_out(pairs)
+    assert all(f"square {e['n']}" in table for e in pairs.values()), table
 
 
 def test_eval_reconstruct_judges_the_tokenizer_round_trip(tiny_folder, capsys):

@@ -353,6 +353,7 @@ def data_shapes(args: argparse.Namespace) -> int:
 
 def eval_shapes(args: argparse.Namespace) -> int:
     from .evaluate import (
+        format_held_out,
         format_summary,
         ground_truth_images,
         pipeline_images,
@@ -382,6 +383,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
     result = run_eval(make, args.num, args.seed, args.save_images)
     print(f"shapes eval of {source}, seed {args.seed}, {args.num} prompts per category")
     print(format_summary(result["summary"]))
+    print(format_held_out(result["held_out_pairs"]))
     if args.json is not None:
         write_report(args.json, result, {k: str(v) for k, v in vars(args).items() if k != "run"})
         print(f"wrote {args.json}")

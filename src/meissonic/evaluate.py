@@ -43,6 +43,8 @@ def run_eval(make_image: Callable[[Scene, int], Image.Image], num: int, seed: in
         image = make_image(scene, index)
         verdict = judge(scene, image)
         rows.append({"category": category, "prompt": scene.caption(), **verdict})
+        if category == "held-out":
+            rows[-1]["held_out"] = f"{scene.objects[0].colour} {scene.objects[0].shape}"
         if save is not None:
             save.mkdir(parents=True, exist_ok=True)
             image.save(save / f"{index:04d}-{'ok' if verdict['fully_right'] else 'wrong'}.png")
@@ -54,7 +56,30 @@ def run_eval(make_image: Callable[[Scene, int], Image.Image], num: int, seed: in
             values = [r[column] for r in mine if column in r]
             if values:
                 summary[category][column] = sum(bool(v) for v in values) / len(values)
-    return {"summary": summary, "images": rows}
+    return {"summary": summary, "held_out_pairs": held_out_pairs(rows), "images": rows}
+
+
+def held_out_pairs(rows: list[dict]) -> dict[str, dict]:
+    """The held-out category per held-out pair (the first object of its scenes): how often that object came out in
+    its colour and shape, how often the whole scene was fully right, and which shapes were drawn in its colour
+    instead ("nothing": no object of its colour)."""
+    pairs: dict[str, dict] = {}
+    for row in rows:
+        if row["category"] != "held-out":
+            continue
+        wanted = row["held_out"].split()[-1]
+        entry = pairs.setdefault(row["held_out"], {"n": 0, "pair_right": 0, "fully_right": 0, "instead": {}})
+        entry["n"] += 1
+        entry["pair_right"] += row["drawn"][0] == wanted
+        entry["fully_right"] += bool(row["fully_right"])
+        if row["drawn"][0] != wanted:
+            name = row["drawn"][0] or "nothing"
+            entry["instead"][name] = entry["instead"].get(name, 0) + 1
+    for entry in pairs.values():
+        entry["pair_right"] /= entry["n"]
+        entry["fully_right"] /= entry["n"]
+        entry["instead"] = dict(sorted(entry["instead"].items(), key=lambda kv: -kv[1]))
+    return dict(sorted(pairs.items()))
 
 
 def ground_truth_images(seed: int = 0) -> Callable[[Scene, int], Image.Image]:
@@ -94,6 +119,15 @@ def format_summary(summary: dict) -> str:
     for category, row in summary.items():
         cells = [f"{row[c]:11.1%}" if c in row else f"{'-':>11}" for c in COLUMNS]
         lines.append(f"{category:12} {row['n']:>4} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def format_held_out(pairs: dict) -> str:
+    """One line per held-out pair: its object right, the scene fully right, and what was drawn instead."""
+    lines = [f"{'held-out pair':16} {'n':>4} {'pair right':>11} {'fully right':>11}  drawn instead"]
+    for name, e in pairs.items():
+        instead = ", ".join(f"{shape} {count}" for shape, count in e["instead"].items()) or "-"
+        lines.append(f"{name:16} {e['n']:>4} {e['pair_right']:11.1%} {e['fully_right']:11.1%}  {instead}")
     return "\n".join(lines)
 
 

@@ -150,7 +150,10 @@ def _relation(first: Found, second: Found) -> str:
 
 
 def judge(scene: Scene, image: Image.Image) -> dict[str, bool]:
-    """Per-attribute verdicts for one image; `fully_right` is what the targets count."""
+    """Per-attribute verdicts for one image; `fully_right` is what the targets count.
+
+    `drawn` names, for each wanted object, the shape of the object the judge matched to it (one of its colour, the
+    right shape first), or None when nothing of its colour was found."""
     background, found = analyze(image)
     matches: list[Found | None] = []
     for wanted in scene.objects:
@@ -165,6 +168,7 @@ def judge(scene: Scene, image: Image.Image) -> dict[str, bool]:
         "background": not scene.background or background == scene.background,
     }
     result["objects"] = result["colour"] and result["shape"]
+    result["drawn"] = [m.shape if m is not None else None for m in matches]  # per wanted object: the shape found
     if len(scene.objects) == 1:
         result["position"] = matches[0] is not None and matches[0].position == scene.objects[0].position
         result["fully_right"] = result["objects"] and result["position"]
