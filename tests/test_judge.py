@@ -87,20 +87,21 @@ def test_eval_command_on_ground_truth(tmp_path, capsys):
     assert "--num 0: must be at least 1" in capsys.readouterr().err
 
 
-def test_eval_breaks_held_out_down_per_pair_and_names_what_was_drawn_instead(capsys):
+def test_eval_breaks_held_out_down_per_pair_and_names_what_was_drawn_instead():
     from meissonic.evaluate import format_held_out, ground_truth_images, run_eval
 
     truth = ground_truth_images(0)
     right = run_eval(truth, num=8, seed=0)["held_out_pairs"]
     assert sum(e["n"] for e in right.values()) == 8
-    assert set(right) <= {"purple triangle", "orange circle", "green star", "yellow diamond"}
+    assert set(right) <= {f"{colour} {shape}" for colour, shape in HELD_OUT}
     assert all(e["pair_right"] == 1.0 and e["instead"] == {} for e in right.values()), right
 
-    def squares_for_held_out(scene, index):  # the held-out object drawn as a square (or a circle, for squares)
+    assert "square" not in {shape for _, shape in HELD_OUT}
+
+    def squares_for_held_out(scene, index):  # the held-out object drawn as a square
         first = scene.objects[0]
         if (first.colour, first.shape) in HELD_OUT:
-            scene = Scene([replace(first, shape="circle" if first.shape == "square" else "square"),
-                           *scene.objects[1:]], scene.background, scene.relation)
+            scene = Scene([replace(first, shape="square"), *scene.objects[1:]], scene.background, scene.relation)
         return truth(scene, index)
 
     wrong = run_eval(squares_for_held_out, num=8, seed=0)

@@ -67,14 +67,13 @@ def held_out_pairs(rows: list[dict]) -> dict[str, dict]:
     for row in rows:
         if row["category"] != "held-out":
             continue
-        wanted = row["held_out"].split()[-1]
+        drawn, right = row["drawn"][0], row["drawn"][0] == row["held_out"].split()[-1]
         entry = pairs.setdefault(row["held_out"], {"n": 0, "pair_right": 0, "fully_right": 0, "instead": {}})
         entry["n"] += 1
-        entry["pair_right"] += row["drawn"][0] == wanted
+        entry["pair_right"] += right
         entry["fully_right"] += bool(row["fully_right"])
-        if row["drawn"][0] != wanted:
-            name = row["drawn"][0] or "nothing"
-            entry["instead"][name] = entry["instead"].get(name, 0) + 1
+        if not right:
+            entry["instead"][drawn or "nothing"] = entry["instead"].get(drawn or "nothing", 0) + 1
     for entry in pairs.values():
         entry["pair_right"] /= entry["n"]
         entry["fully_right"] /= entry["n"]

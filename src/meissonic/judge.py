@@ -149,7 +149,7 @@ def _relation(first: Found, second: Found) -> str:
     return "above" if dy > 0 else "below"
 
 
-def judge(scene: Scene, image: Image.Image) -> dict[str, bool]:
+def judge(scene: Scene, image: Image.Image) -> dict[str, bool | list[str | None]]:
     """Per-attribute verdicts for one image; `fully_right` is what the targets count.
 
     `drawn` names, for each wanted object, the shape of the object the judge matched to it (one of its colour, the
