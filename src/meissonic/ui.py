@@ -13,6 +13,7 @@ import queue
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
@@ -94,6 +95,9 @@ class Studio:
         self.pipe = pipe
         self.model_name = model_name
         self.lock = threading.Lock()  # one generation at a time on this model, whatever the queue allows
+        # every request's work runs on this one long-lived thread: a thread per request would spread the model's
+        # working memory over the allocator's per-thread arenas, and the server's memory would creep up with load
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meissonic-model")
 
     def make(self, task: str, prompt: str, image, editor, strength: float, margins: tuple[int, int, int, int],
              settings: Settings, on_step=None) -> tuple[list[Image.Image], int]:
@@ -211,7 +215,7 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                 except Exception as err:  # reported in the page, the server goes on
                     events.put(("error", err))
 
-            threading.Thread(target=work, daemon=True).start()
+            studio.worker.submit(work)
             while True:
                 kind, payload = events.get()
                 if kind == "preview":
