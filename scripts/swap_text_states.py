@@ -1,0 +1,83 @@
+"""Where does a model read a held-out object's colour and shape from? Swap text states and judge the images.
+
+For each held-out scene of `meissonic eval shapes` (same prompts and seeds), the prompt is encoded twice: as asked
+("a large green star ...") and with the held-out colour replaced by a donor colour seen with that shape ("a large blue
+star ..."). Some of the asked prompt's text-encoder states are then replaced by the donor's, and the image is judged
+against the asked scene. If a part carries the colour, swapping it makes the object come out in the donor colour
+("nothing" of the asked colour); if a part were the cause of the wrong shapes, swapping it would raise "pair right".
+
+    python scripts/swap_text_states.py [--model M] [--num 50] [--parts none shape after words pads pooled]
+
+Parts: `shape` the shape word's state; `after` every state after the colour word; `words` the words after the shape
+word up to the end token; `pads` the end token and the padding after it; `pooled` the pooled vector; `none` nothing
+(reproduces `eval shapes`' held-out row).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from meissonic import MeissonicPipeline
+from meissonic.evaluate import held_out_pairs, prompt_set
+from meissonic.judge import judge
+from meissonic.text import encode_prompts, text_length, tokenize
+
+DONOR = {"green": "blue", "orange": "red", "purple": "blue", "yellow": "red"}  # seen with every shape
+PARTS = ("none", "shape", "after", "words", "pads", "pooled")
+
+
+def swapped(pipe, prompt: str, colour: str, shape: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled, hidden) of `prompt` with `part` taken from the donor prompt."""
+    donor = prompt.replace(f"{colour} {shape}", f"{DONOR[colour]} {shape}", 1)
+    hidden, pooled = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt])
+    donor_hidden, donor_pooled = encode_prompts(pipe.tokenizer, pipe.text_encoder, [donor])
+    length = text_length(pipe.text_encoder)
+    ids, donor_ids = tokenize(pipe.tokenizer, [prompt], length)[0], tokenize(pipe.tokenizer, [donor], length)[0]
+    differ = (ids != donor_ids).nonzero().flatten().tolist()
+    if len(differ) != 1:
+        raise ValueError(f"{prompt!r} and {donor!r} differ in {len(differ)} tokens, not one")
+    shape_at = differ[0] + 1
+    end = int((ids == pipe.tokenizer.eos_token_id).nonzero()[0])
+    hidden = hidden.clone()
+    span = {"shape": slice(shape_at, shape_at + 1), "after": slice(shape_at, None), "words": slice(shape_at + 1, end),
+            "pads": slice(end, None)}.get(part)
+    if span is not None:
+        hidden[0, span] = donor_hidden[0, span]
+    return (donor_pooled if part == "pooled" else pooled), hidden
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped demo model)")
+    parser.add_argument("--num", type=int, default=50, help="held-out scenes (eval shapes' --num)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    args = parser.parse_args()
+    from meissonic.loading import demo_model_folder
+
+    pipe = MeissonicPipeline.from_pretrained(args.model or demo_model_folder(), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    everything = prompt_set(args.num, args.seed)
+    scenes = [(i, s) for i, (c, s) in enumerate(everything) if c == "held-out"]
+    for part in args.parts:
+        rows = []
+        for index, scene in scenes:
+            prompt, wanted = scene.caption(), scene.objects[0]
+            pipe.prompt_cache.clear()
+            pipe.prompt_cache[prompt] = swapped(pipe, prompt, wanted.colour, wanted.shape, part)
+            image = pipe(prompt=prompt, guidance_scale=args.guidance,
+                         generator=torch.Generator().manual_seed(args.seed + index)).images[0]
+            rows.append({"category": "held-out", **judge(scene, image), "held_out": f"{wanted.colour} {wanted.shape}"})
+        fully = sum(bool(r["fully_right"]) for r in rows) / len(rows)
+        pairs = held_out_pairs(rows)
+        nothing = sum(p["instead"].get("nothing", 0) for p in pairs.values())
+        right = sum(p["pair_right"] * p["n"] for p in pairs.values())
+        print(f"{part:7s} held-out fully right {fully:6.1%}  pair right {right / len(rows):6.1%}  "
+              f"asked colour missing {nothing / len(rows):6.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
