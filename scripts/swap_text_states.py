@@ -31,6 +31,7 @@ PARTS = ("none", "shape", "after", "words", "pads", "pooled")
 def swapped(pipe, prompt: str, colour: str, shape: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled, hidden) of `prompt` with `part` taken from the donor prompt."""
     donor = prompt.replace(f"{colour} {shape}", f"{DONOR[colour]} {shape}", 1)
+    # one prompt per call, as the pipeline encodes them: in a batch of two the states differ in the last bits
     hidden, pooled = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt])
     donor_hidden, donor_pooled = encode_prompts(pipe.tokenizer, pipe.text_encoder, [donor])
     length = text_length(pipe.text_encoder)

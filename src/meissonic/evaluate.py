@@ -67,13 +67,14 @@ def held_out_pairs(rows: list[dict]) -> dict[str, dict]:
     for row in rows:
         if row["category"] != "held-out":
             continue
-        drawn, right = row["drawn"][0], row["drawn"][0] == row["held_out"].split()[-1]
+        drawn = row["drawn"][0] or "nothing"
+        right = drawn == row["held_out"].split()[-1]
         entry = pairs.setdefault(row["held_out"], {"n": 0, "pair_right": 0, "fully_right": 0, "instead": {}})
         entry["n"] += 1
         entry["pair_right"] += right
         entry["fully_right"] += bool(row["fully_right"])
         if not right:
-            entry["instead"][drawn or "nothing"] = entry["instead"].get(drawn or "nothing", 0) + 1
+            entry["instead"][drawn] = entry["instead"].get(drawn, 0) + 1
     for entry in pairs.values():
         entry["pair_right"] /= entry["n"]
         entry["fully_right"] /= entry["n"]
