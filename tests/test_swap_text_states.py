@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -36,3 +37,15 @@ def test_each_part_swaps_only_its_states(tiny_pipe, part, positions, pooled_swap
     if positions:  # the swapped states are the donor prompt's ("blue star")
         donor, _ = encode_prompts(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [prompt.replace("green", "blue")])
         assert (new_hidden[0, positions] == donor[0, positions]).all()
+
+
+def test_analogy_is_the_sum_of_three_trained_pairs(tiny_pipe):
+    prompt = "a large green star on the left, on a white background"
+    new_pooled, new_hidden = swapped(tiny_pipe, prompt, "green", "star", "analogy")
+    # green star = green circle - blue circle + blue star (circle: the first shape seen with both colours)
+    terms = [encode_prompts(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [prompt.replace("green star", pair)])
+             for pair in ("green circle", "blue circle", "blue star")]
+    assert torch.equal(new_hidden, terms[0][0] - terms[1][0] + terms[2][0])
+    assert torch.equal(new_pooled, terms[0][1] - terms[1][1] + terms[2][1])
+    hidden, _ = encode_prompts(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [prompt])
+    assert not torch.allclose(new_hidden, hidden)  # a tiny random encoder is far from additive
