@@ -12,7 +12,7 @@ against the asked scene. If a part carries the colour, swapping it makes the obj
 Parts: `shape` the shape word's state; `after` every state after the colour word; `words` the words after the shape
 word up to the end token; `pads` the end token and the padding after it; `pooled` the pooled vector; `none` nothing
 (reproduces `eval shapes`' held-out row). `analogy` replaces every state and the pooled vector by sums of trained
-pairs' encodings, H(green square) - H(blue square) + H(blue star) for "green star": the unseen pair as a sum of known
+pairs' encodings, H(green circle) - H(blue circle) + H(blue star) for "green star": the unseen pair as a sum of known
 parts. If the transformer drew the pair from such states, only the text encoder would stand in the way; run with
 `--category single` (trained pairs built the same way) to check that such sums are states the transformer can read.
 """
