@@ -41,8 +41,9 @@ def run_precision(work: Path, data: Path, args, precision: str) -> dict:
         quiet(CLI + ["train-vq", *common, "--crop-size", str(args.crop_size), "--codebook-ema", "0.99"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if r["step"] > args.warmup]
-    return {"precision": precision, "steps_timed": len(rates), "samples_per_s": statistics.median(rates),
-            "seconds_per_step": args.batch_size / statistics.median(rates)}
+    median = statistics.median(rates)
+    return {"precision": precision, "steps_timed": len(rates), "samples_per_s": median,
+            "seconds_per_step": args.batch_size / median}
 
 
 def main() -> None:
