@@ -105,6 +105,33 @@ def test_auto_precision(monkeypatch, tiny_folder):
     assert auto_dtype(cpu, None) == torch.float32
 
 
+def test_bf16_counts_as_fast_only_where_its_matmuls_are(monkeypatch):
+    import meissonic.runtime as runtime
+
+    def probe(native: bool, bf16_s: float, fp32_s: float = 1.0) -> bool:
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(runtime, "matmul_seconds", lambda dtype: bf16_s if dtype == torch.bfloat16 else fp32_s)
+        runtime.cpu_has_fast_bf16.cache_clear()
+        try:
+            return runtime.cpu_has_fast_bf16()
+        finally:
+            runtime.cpu_has_fast_bf16.cache_clear()
+
+    assert probe(native=True, bf16_s=0.5)  # twice as fast
+    assert not probe(native=True, bf16_s=1.19)  # AVX512-BF16 without AMX on some Xeons: slower than fp32
+    assert not probe(native=True, bf16_s=0.9)  # faster, but by less than the margin
+    assert not probe(native=False, bf16_s=0.1)  # no bf16 instructions: never, whatever a timing says
+
+
+def test_the_matmul_probe_times_real_work_and_leaves_the_random_state_alone():
+    from meissonic.runtime import matmul_seconds
+
+    state = torch.random.get_rng_state()
+    seconds = matmul_seconds(torch.float32, shape=(64, 128, 256), repeats=2)
+    assert 0 < seconds < 5
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_the_1b_architecture_counts_as_large():
     from meissonic.presets import get_preset
     from meissonic.transformer import MeissonicTransformer

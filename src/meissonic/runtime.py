@@ -5,28 +5,61 @@ Shared by the image commands, the eval, the UI and the benchmark, so each option
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 
 OFFLOADS = ("none", "model", "sequential")
-# On a CPU with native bf16 (AVX512-BF16 or AMX), bf16 is faster than fp32 once matmuls dominate the step. Small
-# models spend their time in element-wise work, where bf16's casts cost more than they save: they stay in fp32.
-# Measured with `meissonic bench` (README): the 5M-parameter demo gains nothing reliable in bf16 (0.85-1.23x across
-# runs), the 1B architecture 1.4-2.4x per step.
+# bf16 pays on a CPU only once matmuls dominate the step. Small models spend their time in element-wise work, where
+# bf16's casts cost more than they save: they stay in fp32. Measured with `meissonic bench` (README): the 5M-parameter
+# demo gains nothing reliable in bf16 (0.85-1.23x across runs); the 1B architecture runs 1.4-2.4x faster per step in
+# bf16 on an AMD Zen 4 (AVX512-BF16), but 0.84x on an Intel Xeon with AVX512-BF16 and no AMX, whose bf16 matmuls are
+# slower than its fp32 ones. So the CPU's own matmuls decide (`cpu_has_fast_bf16`).
 CPU_BF16_MIN_PARAMS = 100_000_000
+BF16_PROBE_MARGIN = 1.2  # bf16 matmuls must be this many times faster than fp32 ones for `auto` to pick bf16
+_PROBE_SHAPE = (256, 1024, 4096)  # tokens x features x outputs: a 1B block's feed-forward matmul, ~2 GFLOP
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic natively (never fp16 on CPU: it is emulated, hundreds of times slower)."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); never fp16 on CPU: it is emulated there."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = _PROBE_SHAPE, repeats: int = 5) -> float:
+    """Best of `repeats` timings of one (tokens x features) @ (features x outputs) matmul in `dtype` on the CPU, after
+    two warm-up runs. Leaves the global random state alone."""
+    import time
+
+    tokens, features, outputs = shape
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, features, generator=generator).to(dtype)
+    w = torch.randn(outputs, features, generator=generator).to(dtype)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            if i >= 2:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether bf16 matmuls are clearly faster than fp32 ones on this CPU: it must have bf16 instructions, and a
+    transformer-sized matmul (~0.2 s for both precisions, once per process) must run at least `BF16_PROBE_MARGIN`
+    times faster in bf16. AVX512-BF16 alone does not make bf16 fast: some Intel Xeons without AMX run it slower."""
+    if not cpu_has_native_bf16():
+        return False
+    return matmul_seconds(torch.bfloat16) * BF16_PROBE_MARGIN <= matmul_seconds(torch.float32)
+
+
 def auto_dtype(device: torch.device, transformer_params: int | None = None) -> torch.dtype:
-    """The precision `--dtype auto` picks: bf16 on CUDA (fp16 where bf16 is missing), bf16 on a CPU with native bf16
-    for models of at least `CPU_BF16_MIN_PARAMS` transformer parameters, else fp32."""
+    """The precision `--dtype auto` picks: bf16 on CUDA (fp16 where bf16 is missing); on a CPU bf16 for models of at
+    least `CPU_BF16_MIN_PARAMS` transformer parameters where its bf16 matmuls are faster than fp32 ones, else fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and transformer_params is not None and transformer_params >= CPU_BF16_MIN_PARAMS:
