@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from meissonic.bench import BenchSpec, fixed_inputs, format_table, random_pipeline, run_row, seed_format
+from meissonic.bench import BenchSpec, combine_runs, fixed_inputs, format_table, random_pipeline, run_row, seed_format
 from meissonic.cli import main
 
 
@@ -63,7 +63,41 @@ def test_seed_format_and_table():
     assert "98.5%" in table and "+release TE" in table and "+tile 32" in table
 
 
+def test_repeated_rounds_take_medians_and_per_round_ratios():
+    def run(step_s, rss, round_):
+        return {"dtype": "fp32", "quantize": "none", "round": round_, "build_s": 1.0, "text_s": 0.1,
+                "first_step_s": step_s, "step_s": step_s, "sample_s": 3 * step_s, "decode_s": 0.4,
+                "total_s": 0.5 + 3 * step_s, "peak_rss_gb": rss, "weights_gb": 1.0, "top1_agreement": None,
+                "release_text_encoder": False, "vq_tile": None, "compile": False}
+
+    # the machine was slow in round 2 for both rows: each round's ratio holds, the times' ratio would not
+    base = [run(1.0, 2.0, 1), run(3.0, 2.2, 2), run(1.2, 2.1, 3)]
+    fast = [run(0.5, 1.0, 1), run(1.0, 1.3, 2), run(0.8, 1.1, 3)]
+    rows = [combine_runs(base, base), combine_runs(fast, base)]
+    assert rows[1]["step_s"] == 0.8 and rows[1]["total_s"] == 0.5 + 3 * 0.8  # medians
+    assert rows[1]["peak_rss_gb"] == 1.3 and rows[0]["peak_rss_gb"] == 2.2  # the largest peak
+    assert rows[1]["step_speedups"] == pytest.approx([2.0, 3.0, 1.5]) and rows[0]["step_speedups"] == [1.0, 1.0, 1.0]
+    assert len(rows[1]["runs"]) == 3 and "round" not in rows[1]
+    table = format_table(rows)
+    assert "| 2.00x (1.50-3.00) |" in table and "| 1.00x (1.00-1.00) |" in table
+
+
+@pytest.mark.slow
+def test_bench_repeat_interleaves_rounds(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--steps", "2", "--dtypes", "fp32,bf16", "--repeat", "2",
+                 "--no-agreement", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    order = [line.split(":")[0].strip() + " " + line.split(":")[1].strip()
+             for line in printed.splitlines() if line.strip().startswith("round ")]
+    assert order == ["round 1/2 FP32", "round 1/2 BF16", "round 2/2 BF16", "round 2/2 FP32"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [len(r["runs"]) for r in rows] == [2, 2] and len(rows[1]["step_speedups"]) == 2
+    assert "medians of 2 interleaved rounds" in printed
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--repeat", "0"], "--repeat 0: must be at least 1"),
     (["--dtypes", "fp64"], "--dtypes 'fp64': choose from fp32, bf16, fp16"),
     (["--quantize", "int3"], "--quantize 'int3': choose from none, int8, int8-dynamic, fp8, int4"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 on CPU"),

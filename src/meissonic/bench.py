@@ -5,7 +5,8 @@ allocated and reserved, or the process's peak RSS on CPU) is its own. A row time
 step, the VQ decode and the total, and records the transformer's weight memory and the top-1 token agreement of its
 logits with fp32 on fixed inputs (half the tokens masked, seeded conditioning), the quality cost of a precision or
 quantization. The model is a folder, or a named architecture with random weights built in place (no download), so
-the 1B Meissonic can be measured anywhere. Compare ratios within one run, not absolute times across machines.
+the 1B Meissonic can be measured anywhere. Compare ratios within one run, not absolute times across machines;
+on a noisy machine `repeat` interleaves rounds of the rows and reports medians and per-round ratios.
 """
 
 from __future__ import annotations
@@ -264,26 +265,51 @@ def _in_subprocess(task: str, spec: BenchSpec, out: str | None = None) -> dict:
         return json.loads(result.read_text())
 
 
-def run_bench(specs: list[BenchSpec], agreement: bool = True, on_row=None) -> list[dict]:
-    """Every spec in its own process; with `agreement`, an fp32 reference process first. `on_row(row)` sees each
-    row as it finishes."""
-    rows = []
+def run_bench(specs: list[BenchSpec], agreement: bool = True, on_row=None, repeat: int = 1) -> list[dict]:
+    """Every spec in its own process; with `agreement`, an fp32 reference process first. With `repeat` > 1 the rows
+    run in `repeat` interleaved rounds (every other round in reverse order, so no row always follows the same one)
+    and each row reports the median of its runs (`combine_runs`). `on_row(run)` sees each run as it finishes."""
+    runs: list[list[dict]] = [[] for _ in specs]
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
         if agreement:
             reference = str(Path(tmp) / "reference.pt")
             _in_subprocess("reference", specs[0], reference)
-        for spec in specs:
-            spec.reference = reference
-            row = {"dtype": spec.dtype, "quantize": spec.quantize, "batch": spec.batch,
-                   "release_text_encoder": spec.release_text_encoder, "vq_tile": spec.vq_tile,
-                   "offload": spec.offload, "compile": spec.compile, "device": spec.device,
-                   "model": spec.model or f"{spec.preset} (random weights)"}
-            row.update(_in_subprocess("row", spec))
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-    return rows
+        for round_ in range(repeat):
+            order = list(range(len(specs)))
+            for i in order if round_ % 2 == 0 else order[::-1]:
+                spec = specs[i]
+                spec.reference = reference
+                row = {"dtype": spec.dtype, "quantize": spec.quantize, "batch": spec.batch,
+                       "release_text_encoder": spec.release_text_encoder, "vq_tile": spec.vq_tile,
+                       "offload": spec.offload, "compile": spec.compile, "device": spec.device,
+                       "model": spec.model or f"{spec.preset} (random weights)", "round": round_ + 1}
+                row.update(_in_subprocess("row", spec))
+                runs[i].append(row)
+                if on_row is not None:
+                    on_row(row)
+    if repeat == 1:
+        return [r[0] for r in runs]
+    return [combine_runs(r, runs[0]) for r in runs]
+
+
+TIMES = ("build_s", "text_s", "first_step_s", "step_s", "sample_s", "decode_s", "total_s")
+
+
+def combine_runs(runs: list[dict], first_row_runs: list[dict]) -> dict:
+    """One row from its repeated runs: the median of every time, the largest of every memory peak, and the per-round
+    step speed-up against the first row's run of the same round (`step_speedups`), whose median the table shows:
+    two rows of one round saw the same machine, so their ratio is steadier than either time."""
+    row = dict(runs[0])
+    row.pop("round")
+    for key in TIMES:
+        row[key] = statistics.median(r[key] for r in runs)
+    for key in ("peak_rss_gb", "cuda_allocated_gb", "cuda_reserved_gb"):
+        if key in row:
+            row[key] = max(r[key] for r in runs)
+    row["step_speedups"] = [base["step_s"] / r["step_s"] for base, r in zip(first_row_runs, runs)]
+    row["runs"] = runs
+    return row
 
 
 def seed_format(row: dict) -> str:
@@ -297,8 +323,17 @@ def _size(gb: float) -> str:
     return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1024:.1f} MB"
 
 
+def _speedup(row: dict, base: dict) -> str:
+    """Step speed-up against the first row: one ratio, or over repeated rounds their median and range."""
+    if "step_speedups" not in row:
+        return f"{base['step_s'] / row['step_s']:.2f}x"
+    ratios = row["step_speedups"]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def format_table(rows: list[dict]) -> str:
-    """A markdown table; speed-up and weight share are relative to the first row."""
+    """A markdown table; speed-up and weight share are relative to the first row (over repeated rounds, the median
+    and range of the per-round step speed-ups; times are medians)."""
     base = rows[0]
     gpu = "cuda_allocated_gb" in base
     memory_cols = "| CUDA alloc GB | CUDA reserved GB " if gpu else "| peak RSS GB "
@@ -313,8 +348,7 @@ def format_table(rows: list[dict]) -> str:
             f" +tile {r['vq_tile']}" if r["vq_tile"] else "") + (" +compile" if r["compile"] else "")
         lines.append(f"| {r['dtype']} | {quant} | {r['text_s']:.2f} | {r['step_s']:.3f} | {r['decode_s']:.2f} | "
                      f"{r['total_s']:.2f} {memory}| {_size(r['weights_gb'])} | "
-                     f"{100 * r['weights_gb'] / base['weights_gb']:.0f}% | {base['step_s'] / r['step_s']:.2f}x | "
-                     f"{agree} |")
+                     f"{100 * r['weights_gb'] / base['weights_gb']:.0f}% | {_speedup(r, base)} | {agree} |")
     return "\n".join(lines)
 
 

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     bench.add_argument("--no-agreement", action="store_true",
                        help="skip the fp32 reference run that the top-1 token agreement is measured against")
+    bench.add_argument("--repeat", type=int, default=1, help="run the rows this many rounds, interleaved; times "
+                       "are medians and the step speed-up the median (and range) of the per-round ratios")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     bench.add_argument("--json", type=Path, help="also write the rows to this JSON file (must not exist)")
     bench.set_defaults(run=bench_command)
@@ -263,6 +265,8 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 16")
     if args.steps is not None and args.steps < 1 or args.batch < 1:
         raise UsageError(f"--steps {args.steps} and --batch {args.batch}: must be at least 1")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat {args.repeat}: must be at least 1")
     check_vq_tile(args.vq_tile)
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
@@ -283,18 +287,23 @@ def bench_command(args: argparse.Namespace) -> int:
     where = torch_device_name(device)
     print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)
     try:
-        rows = run_bench(specs, agreement=not args.no_agreement,
-                         on_row=lambda r: print(f"  {seed_format(r)}", flush=True))
+        rows = run_bench(specs, agreement=not args.no_agreement, repeat=args.repeat,
+                         on_row=lambda r: print(f"  {_round_label(r, args.repeat)}{seed_format(r)}", flush=True))
     except RuntimeError as err:
         raise UsageError(str(err)) from None
     first = rows[0]
+    rounds = f", medians of {args.repeat} interleaved rounds" if args.repeat > 1 else ""
     print(f"\n{first['resolution']}x{first['resolution']}, {first['steps']} steps, batch {args.batch}, guidance "
-          f"{first['guidance']:g}, {where}")
+          f"{first['guidance']:g}, {where}{rounds}")
     print(format_table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"device": where, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _round_label(row: dict, repeat: int) -> str:
+    return f"round {row['round']}/{repeat}: " if repeat > 1 else ""
 
 
 def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
