@@ -94,6 +94,7 @@ def test_bench_repeat_interleaves_rounds(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [len(r["runs"]) for r in rows] == [2, 2] and len(rows[1]["step_speedups"]) == 2
     assert "medians of 2 interleaved rounds" in printed
+    assert "CPU matmul 256x1024x4096: fp32 " in printed  # what --dtype auto weighs on this CPU
 
 
 @pytest.mark.parametrize("argv, message", [

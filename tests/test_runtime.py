@@ -101,8 +101,26 @@ def test_auto_precision(monkeypatch, tiny_folder):
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert auto_dtype(cpu, CPU_BF16_MIN_PARAMS) == torch.bfloat16
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "available_memory", lambda: 64 * 2**30)
     assert auto_dtype(cpu, CPU_BF16_MIN_PARAMS) == torch.float32  # never fp16 on CPU, and no bf16 without hardware
     assert auto_dtype(cpu, None) == torch.float32
+    # bf16 slower than fp32 here, but the 1B's fp32 generation (~8 GB) would not fit in 6 GB: bf16 halves it
+    monkeypatch.setattr(runtime, "available_memory", lambda: 6 * 2**30)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert auto_dtype(cpu, 1_000_000_000) == torch.bfloat16
+    assert auto_dtype(cpu, CPU_BF16_MIN_PARAMS) == torch.float32  # 0.8 GB fits
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert auto_dtype(cpu, 1_000_000_000) == torch.float32  # no bf16 instructions: emulated bf16 is no way out
+    monkeypatch.setattr(runtime, "available_memory", lambda: None)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert auto_dtype(cpu, 1_000_000_000) == torch.float32  # memory unknown: speed alone decides
+
+
+def test_available_memory_is_a_plausible_size():
+    from meissonic.runtime import available_memory
+
+    available = available_memory()
+    assert available is not None and 2**26 < available < 2**50  # between 64 MiB and 1 PiB
 
 
 def test_bf16_counts_as_fast_only_where_its_matmuls_are(monkeypatch):

@@ -286,6 +286,8 @@ def bench_command(args: argparse.Namespace) -> int:
     name = args.model or f"{args.preset} (random weights)"
     where = torch_device_name(device)
     print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)
+    if device.type == "cpu":
+        print(f"  {_cpu_matmul_line()}", flush=True)
     try:
         rows = run_bench(specs, agreement=not args.no_agreement, repeat=args.repeat,
                          on_row=lambda r: print(f"  {_round_label(r, args.repeat)}{seed_format(r)}", flush=True))
@@ -300,6 +302,20 @@ def bench_command(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({"device": where, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _cpu_matmul_line() -> str:
+    """What `--dtype auto` sees on this CPU: one 1B-sized matmul timed in fp32 and bf16."""
+    import torch
+
+    from .runtime import cpu_has_native_bf16, matmul_seconds
+
+    fp32 = matmul_seconds(torch.float32)
+    if not cpu_has_native_bf16():
+        return f"CPU matmul 256x1024x4096: fp32 {fp32 * 1e3:.1f} ms; no bf16 instructions (auto keeps fp32)"
+    bf16 = matmul_seconds(torch.bfloat16)
+    return (f"CPU matmul 256x1024x4096: fp32 {fp32 * 1e3:.1f} ms, bf16 {bf16 * 1e3:.1f} ms "
+            f"(bf16 {fp32 / bf16:.2f}x fp32's speed)")
 
 
 def _round_label(row: dict, repeat: int) -> str:

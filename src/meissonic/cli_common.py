@@ -19,7 +19,7 @@ def add_runtime_options(p) -> None:
     """How the model runs: the options every command that samples shares (`runtime.RunOptions`)."""
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU; on CPU bf16 for large "
                    "models (>= 100M transformer parameters) where a quick timing finds the CPU's bf16 matmuls faster "
-                   "than fp32 ones, else fp32")
+                   "than fp32 ones or an fp32 run would not fit in memory, else fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="quantize the transformer's weights (torchao): less memory, a little quality; int8-dynamic "

@@ -57,13 +57,38 @@ def cpu_has_fast_bf16() -> bool:
     return matmul_seconds(torch.bfloat16) * BF16_PROBE_MARGIN <= matmul_seconds(torch.float32)
 
 
+# A whole fp32 generation peaks near twice the transformer's fp32 weights (`meissonic bench`: 7.1 GB for the 1B's
+# 3.75 GB at 512 px; bf16 4.0 GB): where that would not fit in the memory available, `auto` takes bf16 even if slower.
+FP32_PEAK_BYTES_PER_PARAM = 8
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable, else the free pages); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def auto_dtype(device: torch.device, transformer_params: int | None = None) -> torch.dtype:
-    """The precision `--dtype auto` picks: bf16 on CUDA (fp16 where bf16 is missing); on a CPU bf16 for models of at
-    least `CPU_BF16_MIN_PARAMS` transformer parameters where its bf16 matmuls are faster than fp32 ones, else fp32."""
+    """The precision `--dtype auto` picks: bf16 on CUDA (fp16 where bf16 is missing). On a CPU, for models of at
+    least `CPU_BF16_MIN_PARAMS` transformer parameters, bf16 where its bf16 matmuls are faster than fp32 ones, or
+    where it has bf16 instructions and an fp32 generation would not fit in the memory available; else fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and transformer_params is not None and transformer_params >= CPU_BF16_MIN_PARAMS:
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        if cpu_has_fast_bf16():
+            return torch.bfloat16
+        available = available_memory()
+        too_big = available is not None and transformer_params * FP32_PEAK_BYTES_PER_PARAM > available
+        return torch.bfloat16 if too_big and cpu_has_native_bf16() else torch.float32
     return torch.float32
 
 
