@@ -15,7 +15,7 @@ OFFLOADS = ("none", "model", "sequential")
 # bf16 pays on a CPU only once matmuls dominate the step. Small models spend their time in element-wise work, where
 # bf16's casts cost more than they save: they stay in fp32. Measured with `meissonic bench` (README): the 5M-parameter
 # demo gains nothing reliable in bf16 (0.85-1.23x across runs); the 1B architecture runs 1.4-2.4x faster per step in
-# bf16 on an AMD Zen 4 (AVX512-BF16), but 0.84x on an Intel Xeon with AVX512-BF16 and no AMX, whose bf16 matmuls are
+# bf16 on an AMD Zen 4 (AVX512-BF16), but 0.81x on an Intel Xeon with AVX512-BF16 and no AMX, whose bf16 matmuls are
 # slower than its fp32 ones. So the CPU's own matmuls decide (`cpu_has_fast_bf16`).
 CPU_BF16_MIN_PARAMS = 100_000_000
 BF16_PROBE_MARGIN = 1.2  # bf16 matmuls must be this many times faster than fp32 ones for `auto` to pick bf16
