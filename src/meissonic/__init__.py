@@ -1,7 +1,6 @@
 """meissonic: Meissonic masked generative transformers for text-to-image (arXiv 2410.08261)."""
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .quantize import quiet_torchao  # noqa: E402
 
 with quiet_torchao():  # diffusers imports torchao (when installed) with its ModelMixin, which prints build notes

@@ -62,7 +62,7 @@ def prepare_pipeline(pipe, device, args) -> None:
 
 
 def version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

@@ -181,3 +181,39 @@ def check_config_fields(component: Path, accepted: set[str]) -> dict:
         raise ModelFolderError(f"{component.name}/config.json has unknown field(s) {', '.join(unknown)}; "
                                f"known: {', '.join(sorted(accepted))}")
     return config
+
+
+# ---------------------------------------------------------------------------------------------- weights in owned memory
+
+ALIGNMENT = 64  # bytes: where torch's CPU allocator starts every tensor it makes (c10's gAlignment)
+
+
+def owned(tensor):
+    """`tensor` itself when it starts on a 64-byte boundary (or lives off the CPU), else a copy in memory torch
+    allocates.
+
+    Why: safetensors hands out tensors inside the file's memory map, at offsets aligned only to their element size,
+    and diffusers keeps them as the model's weights when the file already holds the dtype asked for. Some CPU kernels
+    take an alignment-dependent path; MKL's matrix-vector product (a linear layer on a batch of one, such as the
+    timestep embedding) sums in another order when its operand starts off a 16-byte boundary, where MKL runs its
+    SSE4.2 code, as it did on an AMD EPYC (held to it with MKL_ENABLE_INSTRUCTIONS=SSE4_2, an Intel CPU does the
+    same). A model read back from a file then gave logits up to 6.6e-7 away from the one that was saved. MKL promises
+    identical results from run to run only for aligned arrays and a fixed thread count; weights placed where torch
+    places its own tensors make a loaded model compute exactly what the model in memory did, on any CPU."""
+    if tensor.device.type != "cpu" or tensor.data_ptr() % ALIGNMENT == 0:
+        return tensor
+    return tensor.clone()
+
+
+def own_memory(module):
+    """Give every plain parameter and buffer of `module` that `owned` would copy its copy, in place (the Parameter
+    objects stay, so optimizers and tied references hold); returns `module`. Quantized tensor subclasses are left
+    alone: `quantize.load_quantized` reads their parts through `owned`."""
+    import torch
+
+    with torch.no_grad():
+        for sub in module.modules():
+            for tensor in [*sub._parameters.values(), *sub._buffers.values()]:
+                if tensor is not None and type(tensor) in (torch.Tensor, torch.nn.Parameter):
+                    tensor.data = owned(tensor.data)
+    return module

@@ -18,19 +18,20 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from . import __version__
 from .loading import (
     HUB_OPTIONS,
     WEIGHTS,
     ModelFolderError,
     check_config_fields,
     check_config_matches_weights,
+    own_memory,
     resolve_model_folder,
     weights_are_pickle,
 )
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
+from .version import __version__
 from .vq import decode_tokens, downscale_factor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -148,6 +149,8 @@ class MeissonicPipeline(DiffusionPipeline):
             "scheduler": lambda: MeissonicScheduler.from_pretrained(folder / "scheduler"),
         }
         parts = {name: components[name] if name in components else load() for name, load in loaders.items()}
+        for model in (parts[name] for name in WEIGHTS if parts[name] is not None):
+            own_memory(model)  # loaded weights out of the files' memory maps (loading.owned says why)
         pipe = cls(**parts, defaults=index.get("_meissonic_defaults"))
         check_components(pipe)
         return pipe
@@ -191,6 +194,9 @@ class MeissonicPipeline(DiffusionPipeline):
         if text_encoder.is_dir():  # the run also trained the whole text encoder
             self.text_encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder).to(
                 self.text_encoder.device, self.text_encoder.dtype)
+        for model in (self.transformer, self.text_encoder):  # the adapters' weights, out of their memory maps
+            if model is not None:
+                own_memory(model)
         self.prompt_cache.clear()  # embeddings of the old text encoder
 
     # ------------------------------------------------------------------------------------------ generation

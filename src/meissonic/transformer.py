@@ -31,6 +31,7 @@ from .layers import (
     rope_table,
     sinusoidal_embedding,
 )
+from .loading import own_memory
 
 MICRO_COND_DIM = 256  # sinusoid width per micro-condition (hard-coded in the reference)
 NUM_MICRO_CONDS = 5  # width, height, crop top, crop left, aesthetic score
@@ -122,6 +123,15 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.up_block = ResampleBlock(dim, eps, upsample=upsample)
         self.mlm_layer = TokenHead(dim, codebook_size, eps)
         self.gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' `from_pretrained`, with the weights moved out of the file's memory map into memory torch owns
+        (`loading.owned`: a loaded model computes bit for bit what the saved one did, on any CPU)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
+        own_memory(model)
+        return loaded
 
     @property
     def mask_token_id(self) -> int:

@@ -21,29 +21,11 @@ from ..pipeline import MeissonicPipeline
 from ..text import text_length, tokenize
 from ..vq import encode_image
 from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
+from .common import RunConfig, TrainingError, adamw, load_vqvae
 from .data import SampleOrder, load_images, open_dataset, step_generator
 from .objective import drop_conditions, mask_rate_timestep, mask_tokens, masked_cross_entropy, sample_mask_ratios
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-@dataclass
-class RunConfig:
-    """Settings every training run shares: data, output, seed, crops, checkpoints, logging."""
-
-    data: str
-    out: Path
-    model: str | None = None
-    preset: str | None = None
-    image_column: str = "image"
-    caption_column: str = "caption"
-    seed: int = 0
-    center_crop: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int | None = 3
-    resume: str | None = None
-    log_every: int = 10
-    progress: bool = True
 
 
 @dataclass
@@ -80,10 +62,6 @@ class TrainConfig(RunConfig):
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 16
     cache: Path | None = None  # pre-encoded tokens and text embeddings (built on first use)
-
-
-class TrainingError(ValueError):
-    """A training option or state that cannot work, named in one line."""
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -138,8 +116,6 @@ def build_models(cfg: TrainConfig) -> MeissonicPipeline:
     if cfg.model is None or cfg.preset is not None:  # a new transformer samples by default at the size it learnt
         pipe.defaults = {**pipe.defaults, "resolution": cfg.resolution}
     if cfg.vqvae is not None:
-        from .vq_train import load_vqvae
-
         pipe.vqvae = load_vqvae(cfg.vqvae, "--vqvae")
     try:
         check_components(pipe)
@@ -335,17 +311,6 @@ def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_e
         return EncodedCache(folder, identity, text_live=cfg.train_text_encoder or cfg.text_encoder_lora_rank > 0)
     except ValueError as err:
         raise TrainingError(str(err)) from None
-
-
-def adamw(params, lr: float, weight_decay: float, eight_bit: bool = False, betas=(0.9, 0.999)):
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked (and installed)."""
-    if eight_bit:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise TrainingError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def _trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import read_state, resolve_resume, save_checkpoint
+from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
+from .common import RunConfig, TrainingError, adamw, load_vqvae
 from .data import SampleOrder, load_images, open_dataset, step_generator
-from .checkpoint import append_metrics, truncate_metrics
-from .train import RunConfig, TrainingError, adamw
 
 
 @dataclass
@@ -85,22 +84,6 @@ def build_vqvae(cfg: VQTrainConfig):
         with seeded_init(cfg.seed):
             return VQModel(**get_preset(cfg.preset).vqvae)
     return load_vqvae(cfg.model, "--model")
-
-
-def load_vqvae(path: str, option: str):
-    """A VQModel from its folder, or from a pipeline folder's `vqvae/`; one-line errors."""
-    from diffusers import VQModel
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise TrainingError(f"{option} {path!r}: no such folder")
-    if (folder / "vqvae").is_dir():
-        folder = folder / "vqvae"
-    try:
-        return VQModel.from_pretrained(folder, use_safetensors=True)
-    except Exception as err:  # a library error for a malformed folder: its first line
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrainingError(f"{option} {path!r}: cannot load a VQModel ({reason})") from None
 
 
 def codebook_stats(indices: torch.Tensor, size: int) -> dict:
