@@ -10,6 +10,14 @@ import torch  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def pytest_report_header(config):
+    """The kernels this run uses, since exact tests are rerun with them held back (see .ci/run)."""
+    held = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ]
+    return (f"cpu kernels: aten {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
+            + (f"; held: {', '.join(held)}" if held else ""))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -39,6 +39,7 @@ def test_generate_writes_png_with_parameters(capsys, tiny_folder, tmp_path):
     assert params["temperature"] == [2.0, 0.0] and params["schedule"] == "cosine"
 
 
+@pytest.mark.exact
 def test_same_seed_same_image_and_no_overwrite(capsys, tiny_folder, tmp_path):
     assert generate(capsys, tiny_folder, tmp_path, "--seed", 3)[0] == 0
     first = tmp_path / "a-red-circle-on-the-left_3.png"

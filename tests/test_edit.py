@@ -49,6 +49,7 @@ def gen(seed=0):
 # ---------------------------------------------------------------------------------------------- img2img
 
 
+@pytest.mark.exact
 def test_strength_0_is_the_tokenizer_copy_and_samples_nothing(pipe):
     image = picture()
     calls = []
@@ -65,6 +66,7 @@ def test_strength_1_redraws_every_token(pipe):
     assert out.masked.all()
 
 
+@pytest.mark.exact
 def test_change_grows_with_strength(pipe):
     image = picture()
     original = image_tokens(pipe, image)
@@ -90,6 +92,7 @@ def test_img2img_size_and_batch(pipe):
 # ---------------------------------------------------------------------------------------------- inpaint
 
 
+@pytest.mark.exact
 def test_inpaint_never_changes_tokens_outside_the_mask(pipe):
     image = picture()
     mask = np.zeros((48, 64), dtype=bool)
@@ -103,6 +106,7 @@ def test_inpaint_never_changes_tokens_outside_the_mask(pipe):
     assert not torch.equal(out.tokens[0][expected], original[expected])  # a random model redraws them differently
 
 
+@pytest.mark.exact
 def test_inpaint_keeps_the_inputs_own_pixels(pipe):
     image = picture()
     mask = np.zeros((48, 64), dtype=bool)
@@ -157,6 +161,7 @@ def test_mask_checks(tmp_path):
 # ---------------------------------------------------------------------------------------------- outpaint
 
 
+@pytest.mark.exact
 def test_outpaint_size_and_kept_area(pipe):
     image = picture(64, 48)
     out = outpaint(pipe, "x", image, left=10, right=20, generator=gen(), num_inference_steps=2)

@@ -43,6 +43,7 @@ loop.train(loop.TrainConfig(**cfg))
 RUN = dict(max_steps=9, checkpoint_every=3, mixed_precision="bf16", lr_scheduler="cosine", warmup_steps=2)
 
 
+@pytest.mark.exact
 def test_sigkill_while_saving_then_resume_repeats_the_uninterrupted_run(parquet, tmp_path):  # noqa: F811
     train(config(parquet, tmp_path / "whole", **RUN))
 

@@ -35,6 +35,7 @@ def seeded(seed):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.mark.exact
 def test_reference_cases_give_reference_tokens_and_image(reference):
     kind, pipe = reference
     cases = json.loads((REFERENCE / kind / "cases.json").read_text())
@@ -68,6 +69,7 @@ def test_components_have_the_released_names(reference):
     assert pipe.transformer.config.mask_rate_conditioning == "step_index"  # released: the reference's convention
 
 
+@pytest.mark.exact
 def test_save_pretrained_writes_released_layout_and_reloads(reference, tmp_path):
     kind, pipe = reference
     pipe.save_pretrained(tmp_path)
@@ -92,6 +94,7 @@ def test_sizes_the_reference_cannot_handle(reference, height, width):
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
 
 
+@pytest.mark.exact
 def test_output_types(tiny):
     kw = dict(prompt="x", num_inference_steps=2, height=64, width=32)
     pil = tiny(**kw, generator=seeded(0)).images
@@ -114,14 +117,19 @@ def test_model_defaults_used_when_size_and_steps_unset(tiny):
     assert steps == list(range(tiny.defaults["steps"]))
 
 
+@pytest.mark.exact
 def test_same_seed_same_image_and_generator_per_image(tiny):
     kw = dict(prompt=["a cat", "a dog"], num_inference_steps=4, height=64, width=64, output_type="latent")
     a = tiny(**kw, generator=seeded(3)).images
     b = tiny(**kw, generator=seeded(3)).images
     assert torch.equal(a, b)
+    # An image depends on its own generator only: another seed for its neighbour leaves it as it was. Exact on any
+    # CPU, since the batch keeps its shape, so each row goes through the same kernels. (A batch of another size may
+    # round differently in the last bits, which can flip a near-tie draw: that comparison is the CLI's batching test.)
     per_image = tiny(**kw, generator=[seeded(5), seeded(6)]).images
-    alone = tiny(**dict(kw, prompt="a dog"), generator=[seeded(6)]).images
-    assert torch.equal(per_image[1], alone[0])
+    other_neighbour = tiny(**kw, generator=[seeded(7), seeded(6)]).images
+    assert torch.equal(per_image[1], other_neighbour[1])
+    assert not torch.equal(per_image[0], other_neighbour[0])
 
 
 def test_num_images_per_prompt_orders_like_the_reference(tiny):
@@ -179,6 +187,7 @@ def test_timestep_convention_follows_the_config(reference, tiny):
     assert first.tolist() == [1.0] and 0 < later.item() < 1  # ours: the share of tokens still masked
 
 
+@pytest.mark.exact
 def test_prompt_embeds_path_equals_prompt_path(tiny):
     kw = dict(num_inference_steps=3, height=32, width=32, output_type="latent")
     pooled, hidden = tiny.encode_prompt(["a cat"])

@@ -69,6 +69,7 @@ def quantized_linears(model: nn.Module) -> int:
     )
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("method,dtype", CASES)
 def test_each_method_runs_on_cpu(method, dtype):
     model = transformer(dtype)
@@ -154,6 +155,7 @@ def test_filter_fn_and_unsupported_shapes_are_skipped():
     pytest.param("fp8", torch.float32, id="fp8-fp32"), pytest.param("int4", torch.bfloat16, id="int4-bf16"),
     pytest.param("none", torch.float32, id="none-fp32"),
 ])
+@pytest.mark.exact
 def test_save_and_load_give_identical_logits(tmp_path, method, dtype):
     model = quantize(transformer(dtype), method)
     save_quantized(model, tmp_path, method)
@@ -167,6 +169,7 @@ def test_save_and_load_give_identical_logits(tmp_path, method, dtype):
     assert quantized_linears(loaded) == quantized_linears(model)
 
 
+@pytest.mark.exact
 def test_save_quantizes_an_unquantized_model(tmp_path):
     model = transformer()
     save_quantized(model, tmp_path, "fp8")

@@ -57,21 +57,30 @@ def test_masked_only_head_matches_the_full_head_where_asked_and_is_zero_elsewher
     assert full[~picked].abs().max() > 0  # the head really was skipped there
 
 
-def test_sampling_with_the_masked_only_head_picks_the_same_tokens(pipe, monkeypatch):
-    def run():
-        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-        return pipe(prompt="a red circle", num_images_per_prompt=2, generator=gens, output_type="latent").images
+def test_sampling_asks_the_masked_only_head_for_every_masked_token(pipe, monkeypatch):
+    """At every step of a guided generation, the pipeline asks for the logits of exactly the masked tokens, and gets
+    the full head's values there. Compared within float32 rounding, not bit for bit: the two heads are different
+    kernels, whose last bits differ on some CPUs (and a last-bit difference can flip a near-tie token draw, so
+    comparing the sampled tokens of two runs would depend on the CPU)."""
+    forward, mask_id, steps = pipe.transformer.forward, pipe.transformer.mask_token_id, []
 
-    fast = run()
-    forward = pipe.transformer.forward
+    def both_heads(*args, logits_for=None, **kwargs):
+        part = forward(*args, logits_for=logits_for, **kwargs)
+        full = forward(*args, **kwargs)
+        masked = kwargs["hidden_states"] == mask_id
+        assert torch.equal(logits_for, masked)  # (2B, h, w): both guidance branches, every masked token
+        picked = masked[:, None].expand_as(full)
+        torch.testing.assert_close(part[picked], full[picked], rtol=1e-5, atol=1e-5)
+        steps.append(int(masked.sum()))
+        return part
 
-    def full_head(*args, logits_for=None, **kwargs):
-        return forward(*args, **kwargs)
+    monkeypatch.setattr(pipe.transformer, "forward", both_heads)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    pipe(prompt="a red circle", num_images_per_prompt=2, generator=gens, guidance_scale=3.0, output_type="latent")
+    assert len(steps) == pipe.defaults["steps"] and steps[0] > steps[-1] > 0
 
-    monkeypatch.setattr(pipe.transformer, "forward", full_head)
-    assert torch.equal(run(), fast)
 
-
+@pytest.mark.exact
 def test_prompts_encoded_once_then_the_text_encoder_released(tiny_folder, tmp_path):
     pipe = MeissonicPipeline.from_pretrained(tiny_folder)
     pipe.set_progress_bar_config(disable=True)
@@ -80,10 +89,21 @@ def test_prompts_encoded_once_then_the_text_encoder_released(tiny_folder, tmp_pa
         return pipe(prompt=["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0),
                     output_type="latent").images
 
-    before = run()
-    pipe.encode_prompts_once(["a red circle", "a blue square", ""], release=True)
+    live = [pipe.encode_prompt(p) for p in (["a red circle", "a blue square"], ["", ""])]  # as generation encodes
+    prompts = ["a red circle", "a blue square", ""]
+    pipe.encode_prompts_once(prompts, release=True)
     assert pipe.text_encoder is None
-    assert torch.equal(run(), before)  # the cached embeddings are the encoder's own
+    # the cached embeddings are the encoder's own, within float32 rounding: encoded as one batch of three, whose
+    # matrix products may round otherwise than the batches of two above on some CPUs
+    cached_pooled, cached_hidden = pipe.encode_prompt(prompts)
+    for (pooled, hidden), rows in zip(live, ([0, 1], [2, 2])):
+        torch.testing.assert_close(cached_pooled[rows], pooled, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cached_hidden[rows], hidden, rtol=1e-5, atol=1e-6)
+    given = pipe(prompt_embeds=cached_pooled[:2], encoder_hidden_states=cached_hidden[:2],
+                 negative_prompt_embeds=cached_pooled[2:].expand(2, -1),
+                 negative_encoder_hidden_states=cached_hidden[2:].expand(2, -1, -1),
+                 generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.equal(run(), given)  # generation reads the cache: exactly the images of those embeddings
     with pytest.raises(ValueError, match="'a green star' was not encoded before the text encoder was released"):
         pipe(prompt="a green star", output_type="latent")
     with pytest.raises(ValueError, match="text encoder was released"):
@@ -195,16 +215,24 @@ def one_by_one(tiny_folder, prompts_file, tmp_path_factory):
     return _images(out)
 
 
+@pytest.mark.exact
 def test_batched_prompts_give_the_images_of_one_by_one(tiny_folder, prompts_file, one_by_one, tmp_path):
     assert len(one_by_one) == 8
     assert main(["generate", "--prompts-file", str(prompts_file), "--model", str(tiny_folder), "--seed", "7",
                  "--num-images", "2", "--batch-size", "3", "--release-text-encoder", "--out", str(tmp_path)]) == 0
     batched = _images(tmp_path)
     assert batched.keys() == one_by_one.keys()
-    for name, image in batched.items():  # same seeds per image; batch arithmetic may differ in the last bits
-        assert np.abs(image.astype(int) - one_by_one[name]).mean() < 1.0, name
+    # Same seeds per image, so each batched image is its one-by-one image; not bit for bit: batches of other sizes
+    # round otherwise in the last bits, which can flip a near-tie token draw (and redraw that token's patch) on some
+    # CPUs. So: every image far nearer its own one-by-one image than any other, and all but one equal to rounding.
+    names = sorted(one_by_one)
+    distance = {(a, b): np.abs(batched[a].astype(int) - one_by_one[b]).mean() for a in names for b in names}
+    for name in names:
+        assert distance[name, name] < min(distance[name, other] for other in names if other != name) / 4, name
+    assert sum(distance[name, name] < 1.0 for name in names) >= len(names) - 1, distance
 
 
+@pytest.mark.exact
 def test_ranks_write_their_share_and_together_the_whole(tiny_folder, prompts_file, one_by_one, tmp_path,
                                                         monkeypatch):
     for rank in range(2):

@@ -28,6 +28,7 @@ def tiny_pipe():
     ("after", list(range(4, 77)), False),
     ("pooled", [], True),
 ])
+@pytest.mark.exact
 def test_each_part_swaps_only_its_states(tiny_pipe, part, positions, pooled_swapped):
     prompt = "a large green star on the left, on a white background"
     hidden, pooled = encode_prompts(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [prompt])
@@ -39,6 +40,7 @@ def test_each_part_swaps_only_its_states(tiny_pipe, part, positions, pooled_swap
         assert (new_hidden[0, positions] == donor[0, positions]).all()
 
 
+@pytest.mark.exact
 def test_analogy_is_the_sum_of_three_trained_pairs(tiny_pipe):
     prompt = "a large green star on the left, on a white background"
     new_pooled, new_hidden = swapped(tiny_pipe, prompt, "green", "star", "analogy")

@@ -146,6 +146,7 @@ def test_whitening_and_hard_pixel_terms(parquet):  # noqa: F811
     assert hard_pixel_loss(recon, images, 32 / 4096).item() == pytest.approx(0.75, abs=1e-5)
 
 
+@pytest.mark.exact
 def test_quantizer_loss_moves_codes_fully_and_the_encoder_by_the_commitment():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

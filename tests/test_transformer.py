@@ -46,6 +46,7 @@ def test_logits_match_reference(released, t):
     assert (logits - expected).abs().max().item() <= TOLERANCE[t]
 
 
+@pytest.mark.exact
 def test_default_rope_ids_equal_reference_ids(released):
     name, model = released
     with torch.no_grad():
@@ -96,6 +97,7 @@ def test_monetico_preset_has_no_resampling_tensors():
     assert len(keys) == 867 - 4
 
 
+@pytest.mark.exact
 def test_save_load_round_trip_keeps_layout_and_logits(released, tmp_path):
     name, model = released
     model.save_pretrained(tmp_path)
@@ -128,6 +130,7 @@ def test_any_token_grid_works(released, grid):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.exact
 def test_conditions_reused_give_same_logits(released):
     name, model = released
     kw = _inputs(name)

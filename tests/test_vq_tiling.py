@@ -41,6 +41,7 @@ def seam_spike(error: torch.Tensor) -> float:
     return max((steps.max() / steps.median()).item() for steps in (across_columns, across_rows))
 
 
+@pytest.mark.exact
 def test_a_grid_that_fits_one_tile_is_the_plain_decode(random_vq):
     tokens = random_tokens(random_vq, (2, 12, 16))
     whole = decode_tokens(random_vq, tokens)
