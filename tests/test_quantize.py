@@ -251,6 +251,30 @@ def test_cuda_paths_are_chosen_by_capability(monkeypatch):
         _choose_scheme("int4", cuda, fp32)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert _choose_scheme("fp8", cuda, bf16) == "fp8-weight-only"
-    for scheme in ("fp8-dynamic", "int4-tinygemm-cuda", "int8-weight-only", "int8-dynamic-torchao", "fp8-weight-only",
-                   "int4-cpu"):
+    for scheme in ("fp8-dynamic", "int4-tinygemm-cuda", "int8-weight-only", "int8-dynamic-torchao",
+                   "int8-dynamic-torchao-7bit", "fp8-weight-only", "int4-cpu"):
         assert type(_torchao_config(scheme)).__name__.endswith("Config")
+
+
+def test_int8_products_on_a_cpu_without_vnni_keep_7_bit_weights(monkeypatch, tmp_path):
+    """Without VNNI, torch._int_mm adds u8 x s8 products pairwise in 16 bits: full-range weights overflow (most sums
+    wrong, top-1 agreement 70%), so int8-dynamic keeps weights and activations in 7 bits there (torchao's
+    reduce_range), and a folder of full-range weights is refused instead of giving wrong logits."""
+    import meissonic.quantize as q
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN held below VNNI (read here; its kernels read it at start)
+    assert q.int8_products_saturate()
+    assert q._choose_scheme("int8-dynamic", torch.device("cpu"), torch.bfloat16) == "int8-dynamic-torchao-7bit"
+    assert q._choose_scheme("int8-dynamic", torch.device("cuda"), torch.bfloat16) == "int8-dynamic-torchao"
+    model = quantize(transformer(torch.bfloat16), "int8-dynamic")
+    weight = model.transformer_blocks[0].attn.to_q.weight
+    assert weight.reduce_range and weight.qdata.abs().max() <= 64
+    save_quantized(model, tmp_path / "7bit", "int8-dynamic")
+    assert torch.equal(logits(load_quantized(tmp_path / "7bit")), logits(model))  # loads on any CPU
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(q, "int8_products_saturate", lambda: False)  # a CPU with VNNI: full range
+    save_quantized(quantize(transformer(torch.bfloat16), "int8-dynamic"), tmp_path / "full", "int8-dynamic")
+    monkeypatch.setattr(q, "int8_products_saturate", lambda: True)
+    with pytest.raises(ValueError, match="overflow in this CPU's int8 kernels .no VNNI.*or use int8"):
+        load_quantized(tmp_path / "full")

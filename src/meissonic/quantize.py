@@ -6,7 +6,8 @@ argument. Each method maps to a kernel path (a "scheme") chosen by the device an
     method  CUDA                                            CPU
     int8    torchao int8 weight-only                        torchao int8 weight-only
     int8-   torchao int8 dynamic activation + int8 weight   fp32: torch.ao `quantize_dynamic` (fbgemm, per channel),
-    dynamic                                                 the fastest CPU int8; bf16: torchao as on CUDA
+    dynamic                                                 the fastest CPU int8; bf16: torchao as on CUDA, in 7 bits
+                                                            on CPUs without VNNI (`int8_products_saturate`)
     fp8     compute capability >= 8.9 and bf16: torchao     torchao float8 weight-only (e4m3, per row)
             float8 dynamic activation (per row); else
             float8 weight-only
@@ -46,6 +47,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import warnings
 from collections import OrderedDict
 from importlib.metadata import PackageNotFoundError, version
@@ -72,6 +74,7 @@ SCHEMES = {
     "int8-fbgemm": ("cpu",),
     "int8-weight-only": ("cpu", "cuda"),
     "int8-dynamic-torchao": ("cpu", "cuda"),
+    "int8-dynamic-torchao-7bit": ("cpu", "cuda"),  # weights and activations in 7 bits: see int8_products_saturate
     "fp8-weight-only": ("cpu", "cuda"),
     "fp8-dynamic": ("cuda",),
     "int4-tinygemm-cuda": ("cuda",),
@@ -127,6 +130,20 @@ def _fbgemm_available() -> bool:
     return hasattr(api, "quantize_dynamic") and ("fbgemm" in engines or "x86" in engines)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which its int8 kernels have no VNNI instructions
+_ISAS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def int8_products_saturate() -> bool:
+    """Whether this CPU's int8 matrix products (`torch._int_mm`, oneDNN) run without VNNI instructions, and so add
+    u8 x s8 products pairwise in 16 bits: full-range int8 weights then overflow and most sums come out wrong (top-1
+    token agreement fell from 98% to 70% on a tiny model with oneDNN held to AVX2). True on CPUs without AVX512-VNNI
+    (AMD Zen 2/3, Intel before Cascade Lake) and wherever ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) caps oneDNN below
+    VNNI; torchao's `reduce_range` (7-bit weights and activations) keeps every sum exact there."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return cap in _ISAS_WITHOUT_VNNI or _torchao("torchao.utils").should_reduce_range(torch.device("cpu"))
+
+
 def _choose_scheme(method: str, device: torch.device, dtype: torch.dtype) -> str:
     if method == "none":
         return "none"
@@ -147,8 +164,10 @@ def _choose_scheme(method: str, device: torch.device, dtype: torch.dtype) -> str
         raise ValueError(f"quantization runs on cpu or cuda, not {device.type!r}")
     if method == "int8":
         return "int8-weight-only"
+    if method == "int8-dynamic" and dtype == torch.float32 and _fbgemm_available():
+        return "int8-fbgemm"  # fbgemm reduces the activations' range itself where products would saturate
     if method == "int8-dynamic":
-        return "int8-fbgemm" if dtype == torch.float32 and _fbgemm_available() else "int8-dynamic-torchao"
+        return "int8-dynamic-torchao-7bit" if int8_products_saturate() else "int8-dynamic-torchao"
     return "fp8-weight-only" if method == "fp8" else "int4-cpu"
 
 
@@ -174,8 +193,8 @@ def _torchao_config(scheme: str):
     ao = _torchao()
     if scheme == "int8-weight-only":
         return ao.Int8WeightOnlyConfig(set_inductor_config=False)
-    if scheme == "int8-dynamic-torchao":
-        return ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    if scheme in ("int8-dynamic-torchao", "int8-dynamic-torchao-7bit"):
+        return ao.Int8DynamicActivationInt8WeightConfig(reduce_range=scheme.endswith("7bit"), set_inductor_config=False)
     if scheme == "fp8-weight-only":
         return ao.Float8WeightOnlyConfig(set_inductor_config=False)
     if scheme == "fp8-dynamic":
@@ -429,6 +448,10 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None,
     if device.type not in SCHEMES[scheme]:
         raise ValueError(f"{folder} holds {scheme} weights, which run on {'/'.join(SCHEMES[scheme])}, "
                          f"not {device.type}")
+    if scheme == "int8-dynamic-torchao" and device.type == "cpu" and int8_products_saturate():
+        raise ValueError(f"{folder} holds full-range int8-dynamic weights, whose products overflow in this CPU's int8 "
+                         "kernels (no VNNI): quantize the unquantized model here instead (int8-dynamic then keeps "
+                         "7-bit weights), or use int8")
     with torch.device("meta"):
         model = MeissonicTransformer.from_config(MeissonicTransformer.load_config(folder))
     # nn.Module.to: diffusers 0.42's ModelMixin.to logs a float32-modules warning on every dtype cast
