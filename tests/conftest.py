@@ -3,6 +3,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Kernels held back (ATEN_CPU_CAPABILITY=avx2 ...) get their own torch.compile cache: inductor's cache key does not
+# name the vector ISA, and a kernel it compiled for AVX-512 run with AVX2 code around it (or the reverse) gave NaN
+# logits and corrupted the heap (seen with both settings sharing /tmp/torchinductor_<user>).
+HELD = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+        if k in os.environ]
+if HELD and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{os.getuid()}-" + "-".join(h.replace("=", "_") for h in HELD))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -12,10 +22,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def pytest_report_header(config):
     """The kernels this run uses, since exact tests are rerun with them held back (see .ci/run)."""
-    held = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-            if k in os.environ]
     return (f"cpu kernels: aten {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
-            + (f"; held: {', '.join(held)}" if held else ""))
+            + (f"; held: {', '.join(HELD)}" if HELD else ""))
 
 
 def pytest_collection_modifyitems(config, items):
