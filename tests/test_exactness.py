@@ -2,11 +2,13 @@
 from a file computes bit for bit what the saved one did on any CPU (see `loading.owned` for the kernel that told them
 apart). The bit-for-bit tests themselves are marked `exact`; CI reruns them with the kernels held back."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
 
-from meissonic.loading import ALIGNMENT, own_memory, owned
+from meissonic.loading import ALIGNMENT, file_mappings, own_memory, owned
 from meissonic.pipeline import MeissonicPipeline
 from meissonic.presets import build_pipeline
 from meissonic.quantize import load_quantized, quantize, save_quantized
@@ -73,3 +75,34 @@ def test_every_loader_places_weights_in_owned_memory(fp32_folder, tmp_path):
     for method in ("none", "int8"):
         save_quantized(quantize(build_pipeline("tiny", seed=1).transformer, method), tmp_path / method, method)
         assert not misaligned(load_quantized(tmp_path / method)), method
+
+
+def _resident_kib(address: int) -> int:
+    """Resident memory (KiB) of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("address not mapped")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_a_copied_tensor_hands_its_file_pages_back_and_loses_nothing(tmp_path):
+    """Loading never holds a weight twice: once copied, the tensor's pages of the file's memory map are dropped
+    (they come back from the file if read again)."""
+    from safetensors.torch import save_file
+
+    values = torch.arange(3 * 2**20, dtype=torch.float32)  # 12 MiB
+    save_file({"pad": torch.zeros(3), "w": values}, tmp_path / "w.safetensors")  # "w" starts off the alignment
+    with safe_open(tmp_path / "w.safetensors", "pt") as f:
+        mapped = f.get_tensor("w")
+    assert mapped.data_ptr() % ALIGNMENT and any(a <= mapped.data_ptr() < b for a, b in file_mappings())
+    assert torch.equal(mapped, values)  # every page read: resident
+    before = _resident_kib(mapped.data_ptr())
+    copy = owned(mapped)
+    assert _resident_kib(mapped.data_ptr()) < before - 11 * 1024  # the 12 MiB were handed back
+    assert torch.equal(copy, values) and torch.equal(mapped, values)  # and read again from the file

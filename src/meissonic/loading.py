@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -186,11 +188,13 @@ def check_config_fields(component: Path, accepted: set[str]) -> dict:
 # ---------------------------------------------------------------------------------------------- weights in owned memory
 
 ALIGNMENT = 64  # bytes: where torch's CPU allocator starts every tensor it makes (c10's gAlignment)
+MADV_DONTNEED = 4  # Linux
 
 
-def owned(tensor):
+def owned(tensor, mappings: list[tuple[int, int]] | None = None):
     """`tensor` itself when it starts on a 64-byte boundary (or lives off the CPU), else a copy in memory torch
-    allocates.
+    allocates; the file pages it was read from are then handed back (`mappings`: `file_mappings()`, read once by
+    the caller of many).
 
     Why: safetensors hands out tensors inside the file's memory map, at offsets aligned only to their element size,
     and diffusers keeps them as the model's weights when the file already holds the dtype asked for. Some CPU kernels
@@ -202,7 +206,15 @@ def owned(tensor):
     places its own tensors make a loaded model compute exactly what the model in memory did, on any CPU."""
     if tensor.device.type != "cpu" or tensor.data_ptr() % ALIGNMENT == 0:
         return tensor
-    return tensor.clone()
+    copy = tensor.clone()
+    _release_file_pages(tensor, file_mappings() if mappings is None else mappings)
+    return copy
+
+
+def owned_tensors(tensors: dict) -> dict:
+    """`owned` for each value of a dict of tensors (a state dict read from a file)."""
+    mappings = file_mappings()
+    return {key: owned(tensor, mappings) for key, tensor in tensors.items()}
 
 
 def own_memory(module):
@@ -211,9 +223,40 @@ def own_memory(module):
     alone: `quantize.load_quantized` reads their parts through `owned`."""
     import torch
 
+    mappings = file_mappings()
     with torch.no_grad():
         for sub in module.modules():
             for tensor in [*sub._parameters.values(), *sub._buffers.values()]:
                 if tensor is not None and type(tensor) in (torch.Tensor, torch.nn.Parameter):
-                    tensor.data = owned(tensor.data)
+                    tensor.data = owned(tensor.data, mappings)
     return module
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's file-backed memory maps (Linux; elsewhere none are known)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode and a path: a file
+            start, end = fields[0].split("-")
+            found.append((int(start, 16), int(end, 16)))
+    return found
+
+
+def _release_file_pages(tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop the whole pages of a copied tensor's file-backed memory from this process (madvise MADV_DONTNEED), so
+    that a model copied out of its memory map never holds the file's pages and its copy at once: loading the 1B
+    transformer in float32 peaked at 7.9 GB instead of 4.1 GB without this. Pages of a file mapping come back from
+    the file if read again, so nothing is lost; anonymous memory is never touched."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not tensor.is_contiguous() or not any(low <= start and end <= high for low, high in mappings):
+        return
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)

@@ -423,7 +423,7 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None,
     """
     from safetensors import safe_open
 
-    from .loading import owned
+    from .loading import owned_tensors
     from .transformer import MeissonicTransformer
 
     if method is not None:
@@ -440,7 +440,7 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None,
     device = torch.device(device or "cpu")
     with safe_open(folder / WEIGHTS_NAME, framework="pt", device=str(device)) as weights:
         meta = weights.metadata() or {}
-        saved = {key: owned(weights.get_tensor(key)) for key in weights.keys()}  # out of the memory map: see owned
+        saved = owned_tensors({key: weights.get_tensor(key) for key in weights.keys()})  # out of the memory map
     scheme = info["scheme"]
     if (meta.get("method"), meta.get("scheme")) != (info["method"], scheme) or scheme not in SCHEMES:
         raise ValueError(f"{folder}: quantization.json says {info['method']!r} ({scheme}), the weights were saved "

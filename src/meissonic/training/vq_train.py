@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..loading import owned_tensors
 from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
 from .common import RunConfig, TrainingError, adamw, load_vqvae
 from .data import SampleOrder, load_images, open_dataset, step_generator
@@ -200,7 +201,7 @@ def train_vq(cfg: VQTrainConfig) -> Path:
         start = int(read_state(resume)["step"])
         vqvae.load_state_dict(load_file(resume / "vqvae.safetensors"))
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        saved = load_file(resume / "usage.safetensors")
+        saved = owned_tensors(load_file(resume / "usage.safetensors"))  # kept: out of the file's memory map
         usage = saved["usage"]
         ema_state = {"count": saved["ema_count"], "sum": saved["ema_sum"]}
         if disc is not None:
