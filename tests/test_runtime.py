@@ -57,6 +57,27 @@ def test_masked_only_head_matches_the_full_head_where_asked_and_is_zero_elsewher
     assert full[~picked].abs().max() > 0  # the head really was skipped there
 
 
+@pytest.mark.parametrize("share", [0.05, 0.6, 1.0])
+def test_the_head_as_matrix_products_gives_the_convolutions_logits(share):
+    """TokenHead runs its two 1x1 convolutions as matrix products over positions (all, or those asked for): the
+    logits of the reference's ConvMlmLayer (conv, RMSNorm, conv) within float32 rounding, at any share asked."""
+    from meissonic.layers import TokenHead, channels_last_norm
+
+    gen = torch.Generator().manual_seed(0)
+    head = TokenHead(48, 100, 1e-6)
+    with torch.no_grad():
+        for weight in (head.conv1.weight, head.conv2.weight, head.layer_norm.weight):
+            weight.copy_(torch.randn(weight.shape, generator=gen) * 0.2)
+        x = torch.randn(2, 48, 7, 9, generator=gen)
+        where = torch.rand(2, 7, 9, generator=gen) < share
+        convolved = head.conv2(channels_last_norm(head.layer_norm, head.conv1(x)))  # (B, V, h, w)
+        full, part = head(x), head(x, where)
+    torch.testing.assert_close(full, convolved, rtol=1e-5, atol=1e-5)
+    picked = where[:, None].expand_as(full)
+    torch.testing.assert_close(part[picked], convolved[picked], rtol=1e-5, atol=1e-5)
+    assert part[~picked].abs().sum() == 0 and where.any()
+
+
 def test_sampling_asks_the_masked_only_head_for_every_masked_token(pipe, monkeypatch):
     """At every step of a guided generation, the pipeline asks for the logits of exactly the masked tokens, and gets
     the full head's values there. Compared within float32 rounding, not bit for bit: the two heads are different

@@ -245,7 +245,13 @@ class TokenEmbedding(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """(B, D, h, w) -> 1x1 conv -> RMSNorm -> 1x1 conv -> logits (B, codebook_size, h, w) (reference `ConvMlmLayer`)."""
+    """(B, D, h, w) -> 1x1 conv -> RMSNorm -> 1x1 conv -> logits (B, codebook_size, h, w) (reference `ConvMlmLayer`).
+
+    A 1x1 convolution is a matrix product over positions, and runs as one here (`F.linear` with the conv weights, on
+    the positions as rows): same logits to float32 rounding, and the masked-only head then costs its share of the
+    positions (one forward of a 1024-wide head with 8192 codes on 2 x 64 x 64 positions, fp32, 2-core Xeon: full
+    0.62 s as a conv, 0.58 s as a matrix product; at 60% of the positions 0.42 s, where the earlier masked-only path
+    ran the conv on each position as a 1x1 image, 3.2 s)."""
 
     def __init__(self, dim: int, codebook_size: int, eps: float):
         super().__init__()
@@ -253,16 +259,21 @@ class TokenHead(nn.Module):
         self.layer_norm = RMSNorm(dim, eps)
         self.conv2 = nn.Conv2d(dim, codebook_size, kernel_size=1, bias=False)
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (..., D) -> logits (..., codebook_size), position by position."""
+        hidden = F.linear(x, self.conv1.weight.flatten(1))  # (..., D)
+        return F.linear(self.layer_norm(hidden), self.conv2.weight.flatten(1))  # (..., V)
+
     def forward(self, x: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
-        """`where` (B, h, w) bool: compute logits only there (each position is independent); elsewhere they are 0."""
-        if where is None:
-            return self.conv2(channels_last_norm(self.layer_norm, self.conv1(x)))
-        batch, dim, height, width = x.shape
-        rows = x.permute(0, 2, 3, 1)[where]  # (M, D): the positions asked for, as 1x1 maps for the same modules
-        picked = self.conv2(channels_last_norm(self.layer_norm, self.conv1(rows[:, :, None, None])))  # (M, V, 1, 1)
-        logits = picked.new_zeros(batch, height, width, picked.shape[1])
-        logits[where] = picked[:, :, 0, 0]
-        return logits.permute(0, 3, 1, 2)  # (B, V, h, w), channels-last in memory like the conv output
+        """`where` (B, h, w) bool: compute logits only there (each position is independent); elsewhere they are 0.
+        Returned (B, V, h, w), positions-major in memory (a channels-last view: `permute(0, 2, 3, 1)` is free)."""
+        features = x.permute(0, 2, 3, 1)  # (B, h, w, D)
+        if where is None or bool(where.all()):
+            return self.rows(features).permute(0, 3, 1, 2)  # (B, V, h, w)
+        picked = self.rows(features[where])  # (M, V): the positions asked for
+        logits = picked.new_zeros(*where.shape, picked.shape[-1])  # (B, h, w, V)
+        logits[where] = picked
+        return logits.permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):

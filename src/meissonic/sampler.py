@@ -112,7 +112,7 @@ def decode(
     for step in range(num_steps):
         unknown = sample == mask_token_id  # (B, N)
         logits = logits_fn(sample.reshape(batch, height, width), step)  # (B, V, h, w)
-        probs = logits.float().flatten(2).transpose(1, 2).softmax(dim=-1)  # (B, N, V)
+        probs = logits.float().permute(0, 2, 3, 1).reshape(batch, seq_len, -1).softmax(dim=-1)  # (B, N, V)
         if generators is None:
             drawn = _sample(probs.reshape(batch * seq_len, -1), single).reshape(batch, seq_len)
         else:
