@@ -170,3 +170,60 @@ def test_on_step_can_replace_the_grid():
     out = decode(torch.full((1, 4, 4), MASK), recording(random_logits(), seen), MASK, 3, on_step=on_step,
                  generator=torch.Generator().manual_seed(0))
     assert torch.equal(seen[1], forced) and torch.equal(out, forced)
+
+
+def compact(fn):
+    """The same logits function answering with the masked positions' rows only, (M, V)."""
+
+    def wrapped(tokens, step):
+        return fn(tokens, step).permute(0, 2, 3, 1)[tokens == MASK]
+
+    return wrapped
+
+
+def multinomial_over_the_grid(tokens, logits_fn, steps, generator):
+    """The reference scheduler's draw, written out: softmax over every position, torch.multinomial over every row."""
+    temperatures = temperature_schedule((2.0, 0.0), steps)
+    batch, n = tokens.shape[0], tokens[0].numel()
+    sample = tokens.reshape(batch, n).clone()
+    start = (sample == MASK).sum(1).float() / n
+    for step in range(steps):
+        unknown = sample == MASK
+        probs = logits_fn(sample.reshape(tokens.shape), step).permute(0, 2, 3, 1).reshape(batch, n, -1).softmax(-1)
+        drawn = torch.multinomial(probs.reshape(batch * n, -1), 1, generator=generator).reshape(batch, n)
+        filled = torch.where(unknown, drawn, sample)
+        if step == steps - 1:
+            return filled.reshape(tokens.shape)
+        count = torch.minimum(unknown.sum(1) - 1, masked_count(n, start, step, steps, "cosine").long()).clamp(min=1)
+        noise = torch.zeros(batch, n).uniform_(0, 1, generator=generator)
+        gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))
+        confidence = torch.log(probs.gather(-1, filled[..., None])[..., 0].clamp(min=1e-20)) + temperatures[step] * gumbel
+        confidence = torch.where(unknown, confidence, torch.inf)
+        ranked = torch.cat([confidence.sort(-1).values, torch.full((batch, 1), torch.inf)], 1)
+        sample = torch.where(confidence < ranked.gather(1, count[:, None]), MASK, filled)
+
+
+@pytest.mark.exact
+def test_masked_rows_only_draw_what_a_multinomial_over_the_whole_grid_draws():
+    """The sampler divides and takes the argmax on the masked rows only, yet draws the exponentials of a multinomial
+    over every row: the same random stream and tokens as the reference's multinomial over the whole grid, whether
+    the logits come as a grid or compact. Bit for bit: the same softmax, division and argmax on the same rows."""
+    tokens = torch.full((2, 6, 7), MASK)
+    tokens[0, :2] = 3  # some known tokens, so that masked and known rows interleave
+    expected = multinomial_over_the_grid(tokens, random_logits(4), 5, torch.Generator().manual_seed(9))
+    for fn in (random_logits(4), compact(random_logits(4))):
+        out = decode(tokens, fn, MASK, 5, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(out, expected)
+    per_image = [decode(tokens, fn, MASK, 5, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+                 for fn in (random_logits(4), compact(random_logits(4)))]
+    assert torch.equal(per_image[0], per_image[1]) and (per_image[0][0, :2] == 3).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda t, s: torch.zeros(3, VOCAB), "compact logits have 3 rows for 32 masked positions"),
+    (lambda t, s: torch.zeros(1, VOCAB, 4, 4), r"logits of shape \(1, 10, 4, 4\)"),
+    (lambda t, s: torch.full((2, VOCAB, 4, 4), float("nan")), "nan or inf"),
+])
+def test_logits_of_the_wrong_shape_or_not_finite_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        decode(torch.full((2, 4, 4), MASK), bad, MASK, 2, generator=torch.Generator().manual_seed(0))

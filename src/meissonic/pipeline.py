@@ -364,8 +364,8 @@ class MeissonicPipeline(DiffusionPipeline):
                 timestep=timestep,
                 cache=cache,
                 logits_for=model_input == mask_id,  # the sampler reads masked tokens' logits only
-            )  # (B or 2B, V, h, w); 0 at known tokens
-            if use_cfg:
+            )  # (M or 2M, V): the masked positions' rows, image by image
+            if use_cfg:  # both halves of the batch hold the same grid, so the same rows
                 uncond, cond = logits.chunk(2)
                 logits = guided_logits(uncond, cond, guidance_scale)
             return logits

@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
-# logits_fn(tokens (B, h, w), step index) -> logits (B, codebook_size, h, w)
+# logits_fn(tokens (B, h, w), step index) -> logits (B, codebook_size, h, w), or compact (M, codebook_size): the rows of
+# the M masked positions only, in the order of `tokens == mask_token_id` (row-major over (B, h, w))
 LogitsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -67,10 +68,38 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
     return torch.zeros(shape, device=gen_device).uniform_(0, 1, generator=generator).to(device)
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of probs (n, V) -> (n,)."""
-    gen_device = generator.device if generator is not None else probs.device
-    return torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
+def _exponentials(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.empty(shape, device=gen_device).exponential_(1, generator=generator).to(device)
+
+
+def _draw(probs: torch.Tensor, rows: torch.Tensor, single: torch.Generator | None,
+          per_image: list[torch.Generator] | None) -> torch.Tensor:
+    """One categorical draw for each row of `probs` (M, V), the masked rows `rows` (B, N) bool of the grid -> (M,).
+
+    `torch.multinomial(p, 1, generator)` is argmax(p / q) with q ~ Exp(1) of p's shape (the Gumbel-max trick, as
+    torch implements it): drawing q for all B * N rows keeps the random stream of a multinomial over the whole grid,
+    the reference scheduler's, while the division and argmax run on the masked rows only."""
+    size = (rows.shape[1], probs.shape[-1])
+    if per_image is None:
+        noise = _exponentials((rows.shape[0] * size[0], size[1]), single, probs.device)[rows.flatten()]
+    else:
+        noise = torch.cat([_exponentials(size, g, probs.device)[rows[b]] for b, g in enumerate(per_image)])
+    return (probs / noise).argmax(dim=-1)
+
+
+def _masked_rows(logits: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
+    """The logits function's answer as the rows of the masked positions, (M, V)."""
+    count = int(unknown.sum())
+    if logits.dim() == 2:
+        if logits.shape[0] != count:
+            raise ValueError(f"compact logits have {logits.shape[0]} rows for {count} masked positions")
+        return logits
+    batch, seq_len = unknown.shape
+    if logits.dim() != 4 or logits.shape[0] != batch or logits.shape[2] * logits.shape[3] != seq_len:
+        raise ValueError(f"logits of shape {tuple(logits.shape)}: expected (B, V, h, w) for {batch} grids of "
+                         f"{seq_len} tokens, or ({count}, V) for the masked positions")
+    return logits.permute(0, 2, 3, 1).reshape(batch, seq_len, -1)[unknown]
 
 
 def _per_image(generators: Generators, batch: int) -> list[torch.Generator] | None:
@@ -111,25 +140,25 @@ def decode(
 
     for step in range(num_steps):
         unknown = sample == mask_token_id  # (B, N)
-        logits = logits_fn(sample.reshape(batch, height, width), step)  # (B, V, h, w)
-        probs = logits.float().permute(0, 2, 3, 1).reshape(batch, seq_len, -1).softmax(dim=-1)  # (B, N, V)
-        if generators is None:
-            drawn = _sample(probs.reshape(batch * seq_len, -1), single).reshape(batch, seq_len)
-        else:
-            drawn = torch.stack([_sample(probs[b], g) for b, g in enumerate(generators)])  # (B, N)
-        filled = torch.where(unknown, drawn, sample)  # (B, N)
+        logits = logits_fn(sample.reshape(batch, height, width), step)  # (B, V, h, w) or (M, V)
+        probs = _masked_rows(logits, unknown).float().softmax(dim=-1)  # (M, V): only masked tokens are drawn
+        if probs.numel() and bool(probs[:, 0].isnan().any()):  # softmax spreads a nan or inf logit over its row
+            raise ValueError(f"step {step}: the logits contain nan or inf; the model's output is not usable")
+        drawn = _draw(probs, unknown, single, generators)  # (M,)
+        filled = sample.masked_scatter(unknown, drawn)  # (B, N)
         if step == num_steps - 1:
             sample = filled
         else:
             n_mask = masked_count(seq_len, start_ratio, step, num_steps, schedule).to(sample.device)  # (B,)
             n_mask = torch.minimum(unknown.sum(dim=1) - 1, n_mask.long()).clamp(min=1)  # (B,)
-            chosen = probs.gather(-1, filled[..., None])[..., 0]  # (B, N)
+            chosen = probs.gather(-1, drawn[:, None])[:, 0]  # (M,)
             if generators is None:
                 noise = _uniform((batch, seq_len), single, sample.device)
             else:
                 noise = torch.cat([_uniform((1, seq_len), g, sample.device) for g in generators])
             gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))  # (B, N)
-            confidence = torch.log(chosen.clamp(min=1e-20)) + temperatures[step] * gumbel
+            log_chosen = torch.zeros_like(noise).masked_scatter(unknown, torch.log(chosen.clamp(min=1e-20)))
+            confidence = log_chosen + temperatures[step] * gumbel
             confidence = torch.where(unknown, confidence, torch.inf)  # known tokens are never re-masked
             ranked = torch.cat([confidence.sort(dim=-1).values, confidence.new_full((batch, 1), torch.inf)], 1)
             cut_off = ranked.gather(1, n_mask[:, None])  # (B, 1); +inf when every unknown token stays masked

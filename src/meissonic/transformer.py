@@ -180,7 +180,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w).
 
         `logits_for` (B, h, w) bool: the output head runs only at these positions (the sampler only reads the logits
-        of masked tokens); the others are 0. Their values are the same as a full head's.
+        of masked tokens) and the logits come compact, (M, codebook_size) in the order of `hidden_states[logits_for]`,
+        with the full head's values.
         """
         height, width = hidden_states.shape[-2:]
         x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
@@ -201,7 +202,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.project_from_hidden(self.project_from_hidden_norm(x[:, n_ctx:]))  # (B, N, D)
         x = x.transpose(1, 2).reshape(batch, dim, rows, cols)  # (B, D, h', w')
         x = self.up_block(x)[..., :height, :width]  # (B, D, h, w)
-        return self.mlm_layer(x, logits_for)  # (B, codebook_size, h, w)
+        return self.mlm_layer(x, logits_for)  # (B, codebook_size, h, w), or (M, codebook_size) for `logits_for`
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -225,7 +226,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Reference-compatible call; returns the logits tensor (or `(logits,)` when `return_dict=False`).
 
         With a `cache`, the step-invariant conditioning is computed on the first call and reused after.
-        `logits_for` (B, h, w) bool limits the output head to those positions (see `predict`).
+        `logits_for` (B, h, w) bool limits the output head to those positions, in compact form (see `predict`).
         """
         conditions = cache.conditions if cache is not None else None
         if conditions is None:

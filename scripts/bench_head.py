@@ -1,0 +1,95 @@
+"""The masked-only output head against the full one: the head alone at several shares of positions asked for, and one
+transformer call (plain, `logits_for=`, `cache=`, both) at the issue's mid-size setting. Compare the rows of one run.
+
+    python scripts/bench_head.py                       # width 1024, 8192 codes, 2 x 64 x 64 positions, fp32
+    python scripts/bench_head.py --no-call --width 64 --codes 128 --grid 8 --json rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def best(fn, repeat: int) -> float:
+    """Fastest of `repeat` timed runs after one warm-up, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def head_rows(args, generator: torch.Generator) -> list[dict]:
+    from meissonic.layers import TokenHead
+
+    head = TokenHead(args.width, args.codes, 1e-6).eval()
+    x = torch.randn(args.batch, args.width, args.grid, args.grid, generator=generator)
+    rows = [{"what": "head", "share": 1.0, "path": "full", "seconds": best(lambda: head(x), args.repeat)}]
+    for share in args.shares:
+        where = torch.rand(args.batch, args.grid, args.grid, generator=generator) < share
+        rows.append({"what": "head", "share": share, "path": "masked-only",
+                     "seconds": best(lambda: head(x, where), args.repeat)})
+    return rows
+
+
+def call_rows(args, generator: torch.Generator) -> list[dict]:
+    from meissonic.presets import get_preset
+    from meissonic.transformer import ConditionCache, MeissonicTransformer
+
+    config = {**get_preset("meissonic").transformer, "num_layers": 2, "num_single_layers": 4}
+    with torch.device("meta"):
+        model = MeissonicTransformer(**config)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.normal_(0, 0.02, generator=generator)
+    cfg = model.config
+    ids = torch.randint(0, cfg.codebook_size, (2, 64, 64), generator=generator)
+    masked = torch.rand(2, 64, 64, generator=generator) < 0.6  # the logits_for rows come compact, (M, V)
+    ids[masked] = model.mask_token_id
+    kw = dict(hidden_states=ids, encoder_hidden_states=torch.randn(2, 77, cfg.joint_attention_dim, generator=generator),
+              pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=generator),
+              micro_conds=torch.tensor([[1024.0, 1024, 0, 0, 6]]).expand(2, -1), timestep=torch.tensor([0.6]))
+    cache = ConditionCache()
+    calls = {"plain": {}, "logits_for": {"logits_for": masked}, "cache": {"cache": cache},
+             "cache+logits_for": {"cache": cache, "logits_for": masked}}
+    return [{"what": "call", "share": 0.6, "path": name, "seconds": best(lambda: model(**kw, **extra), args.repeat)}
+            for name, extra in calls.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--codes", type=int, default=8192)
+    parser.add_argument("--grid", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.2, 0.6, 0.9, 1.0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-call", action="store_true", help="the head alone, not the mid-size transformer call")
+    parser.add_argument("--json", type=str)
+    args = parser.parse_args()
+    bad = [s for s in args.shares if not 0 < s <= 1]
+    if bad or args.repeat < 1:
+        parser.error(f"--shares {bad[0]}: must lie in (0, 1]" if bad else f"--repeat {args.repeat}: must be >= 1")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        rows = head_rows(args, generator) + ([] if args.no_call else call_rows(args, generator))
+    full = rows[0]["seconds"]
+    print(f"head: width {args.width}, {args.codes} codes, {args.batch} x {args.grid} x {args.grid} positions, "
+          f"{torch.get_num_threads()} threads, best of {args.repeat}")
+    for r in rows:
+        ratio = f"{full / r['seconds']:.2f}x the full head" if r["what"] == "head" else ""
+        print(f"{r['what']:<5} {r['path']:<17} share {r['share']:.2f} {r['seconds']:8.3f} s  {ratio}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
