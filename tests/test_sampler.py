@@ -145,6 +145,18 @@ def test_guided_logits_formula():
     assert torch.equal(guided_logits(u, c, 9.0), u + 9 * (c - u))
 
 
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_guidance_in_place_gives_the_same_values(dtype):
+    """The pipeline guides in the conditional logits' memory: the same subtraction, product and sum, each rounded
+    alike (a sum rounds the same in either order), so bit for bit the out-of-place values."""
+    gen = torch.Generator().manual_seed(0)
+    uncond, cond = (torch.randn(300, 64, generator=gen).mul(4).to(dtype) for _ in range(2))
+    expected = guided_logits(uncond, cond, 9.0)
+    out = guided_logits(uncond, cond, 9.0, overwrite=True)
+    assert torch.equal(out, expected) and out.data_ptr() == cond.data_ptr()
+
+
 def test_temperature_schedules():
     assert temperature_schedule((2, 0), 5) == pytest.approx([2.0, 1.5, 1.0, 0.5, 0.0])
     assert temperature_schedule(3.0, 3) == pytest.approx([3.0, 1.505, 0.01])

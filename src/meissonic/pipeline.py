@@ -367,7 +367,7 @@ class MeissonicPipeline(DiffusionPipeline):
             )  # (M or 2M, V): the masked positions' rows, image by image
             if use_cfg:  # both halves of the batch hold the same grid, so the same rows
                 uncond, cond = logits.chunk(2)
-                logits = guided_logits(uncond, cond, guidance_scale)
+                logits = guided_logits(uncond, cond, guidance_scale, overwrite=True)  # the logits are ours
             return logits
 
         progress = self.progress_bar(total=num_inference_steps)

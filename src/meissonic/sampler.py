@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .draws import Draws
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 # logits_fn(tokens (B, h, w), step index) -> logits (B, codebook_size, h, w), or compact (M, codebook_size): the rows of
 # the M masked positions only, in the order of `tokens == mask_token_id` (row-major over (B, h, w))
@@ -58,34 +60,17 @@ def masked_count(seq_len: int, start_ratio: torch.Tensor, step: int, steps: int,
     return (seq_len * (start_ratio * MASK_SCHEDULES[schedule](progress))).floor()  # (B,)
 
 
-def guided_logits(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
+def guided_logits(uncond: torch.Tensor, cond: torch.Tensor, scale: float, overwrite: bool = False) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond). `overwrite=True` computes it in `cond`'s memory
+    (the same values: each operation rounds alike, in either order of the sum)."""
+    if overwrite:
+        return cond.sub_(uncond).mul_(scale).add_(uncond)
     return uncond + scale * (cond - uncond)
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.zeros(shape, device=gen_device).uniform_(0, 1, generator=generator).to(device)
-
-
-def _exponentials(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.empty(shape, device=gen_device).exponential_(1, generator=generator).to(device)
-
-
-def _draw(probs: torch.Tensor, rows: torch.Tensor, single: torch.Generator | None,
-          per_image: list[torch.Generator] | None) -> torch.Tensor:
-    """One categorical draw for each row of `probs` (M, V), the masked rows `rows` (B, N) bool of the grid -> (M,).
-
-    `torch.multinomial(p, 1, generator)` is argmax(p / q) with q ~ Exp(1) of p's shape (the Gumbel-max trick, as
-    torch implements it): drawing q for all B * N rows keeps the random stream of a multinomial over the whole grid,
-    the reference scheduler's, while the division and argmax run on the masked rows only."""
-    size = (rows.shape[1], probs.shape[-1])
-    if per_image is None:
-        noise = _exponentials((rows.shape[0] * size[0], size[1]), single, probs.device)[rows.flatten()]
-    else:
-        noise = torch.cat([_exponentials(size, g, probs.device)[rows[b]] for b, g in enumerate(per_image)])
-    return (probs / noise).argmax(dim=-1)
 
 
 def _masked_rows(logits: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
@@ -137,6 +122,7 @@ def decode(
     single = None if generators is not None else generator
     sample = tokens.reshape(batch, seq_len).clone()  # (B, N)
     start_ratio = (sample == mask_token_id).sum(dim=1).float() / seq_len  # (B,)
+    draw = Draws(single, generators)
 
     for step in range(num_steps):
         unknown = sample == mask_token_id  # (B, N)
@@ -144,7 +130,7 @@ def decode(
         probs = _masked_rows(logits, unknown).float().softmax(dim=-1)  # (M, V): only masked tokens are drawn
         if probs.numel() and bool(probs[:, 0].isnan().any()):  # softmax spreads a nan or inf logit over its row
             raise ValueError(f"step {step}: the logits contain nan or inf; the model's output is not usable")
-        drawn = _draw(probs, unknown, single, generators)  # (M,)
+        drawn = draw(probs, unknown)  # (M,)
         filled = sample.masked_scatter(unknown, drawn)  # (B, N)
         if step == num_steps - 1:
             sample = filled
