@@ -15,8 +15,9 @@ def test_reports_the_full_head_and_each_share(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [(r["path"], r["share"]) for r in rows] == [("full", 1.0), ("masked-only", 0.1), ("masked-only", 0.5)]
-    assert all(r["seconds"] > 0 for r in rows)
+    assert [(r["path"], r["share"]) for r in rows] == [("masked-only", 0.1), ("masked-only", 0.5)]
+    assert all(r["seconds"] > 0 and r["full_seconds"] > 0 for r in rows)
+    assert all(r["speedup"] == r["full_seconds"] / r["seconds"] for r in rows)
     assert done.stdout.splitlines()[0].startswith("head: width 32, 64 codes, 2 x 8 x 8 positions")
 
 

@@ -73,6 +73,8 @@ def test_the_head_as_matrix_products_gives_the_convolutions_logits(share):
     torch.testing.assert_close(full, convolved, rtol=1e-5, atol=1e-5)
     assert where.any() and part.shape == (where.sum(), 100)
     torch.testing.assert_close(part, convolved.permute(0, 2, 3, 1)[where], rtol=1e-5, atol=1e-5)
+    if where.all():  # every position asked for: the full head's own rows, the same computation
+        assert torch.equal(part, full.permute(0, 2, 3, 1).reshape(-1, 100))
 
 
 def test_sampling_asks_the_masked_only_head_for_every_masked_token(pipe, monkeypatch):

@@ -271,6 +271,8 @@ class TokenHead(nn.Module):
         features = x.permute(0, 2, 3, 1)  # (B, h, w, D)
         if where is None:
             return self.rows(features).permute(0, 3, 1, 2)  # (B, V, h, w)
+        if bool(where.all()):  # every position: the full head's rows as they are, without gathering the features
+            return self.rows(features).flatten(0, 2)  # (B * h * w, V)
         return self.rows(features[where])  # (M, V)
 
 
