@@ -1,8 +1,10 @@
-"""The masked-only output head against the full one: the head alone at several shares of positions asked for, and one
-transformer call (plain, `logits_for=`, `cache=`, both) at the issue's mid-size setting. Compare the rows of one run.
+"""The masked-only output head against the full one: the head alone at several shares of positions asked for, one
+transformer call (plain, `logits_for=`, `cache=`, both) at the issue's mid-size setting, and the sampler alone (8 steps
+on fixed logits: the reference scheduler's multinomial over the whole grid, ours with torch's `exponential_`, ours).
+Compare the rows of one run.
 
     python scripts/bench_head.py                       # width 1024, 8192 codes, 2 x 64 x 64 positions, fp32
-    python scripts/bench_head.py --no-call --width 64 --codes 128 --grid 8 --json rows.json
+    python scripts/bench_head.py --no-call --no-sampler --width 64 --codes 128 --grid 8 --json rows.json
 """
 
 from __future__ import annotations
@@ -74,6 +76,61 @@ def call_rows(args, generator: torch.Generator) -> list[dict]:
             for name, extra in calls.items()]
 
 
+def multinomial_over_the_grid(tokens, logits_fn, steps, generator, mask_id):
+    """The reference scheduler's step, written out: float32 softmax over every position and code, torch.multinomial
+    over every row, confidence over the whole grid."""
+    from meissonic.sampler import masked_count, temperature_schedule
+
+    temperatures = temperature_schedule((2.0, 0.0), steps)
+    batch, n = tokens.shape[0], tokens[0].numel()
+    sample = tokens.reshape(batch, n).clone()
+    start = (sample == mask_id).sum(1).float() / n
+    for step in range(steps):
+        unknown = sample == mask_id
+        probs = logits_fn(sample.reshape(tokens.shape), step).permute(0, 2, 3, 1).reshape(batch, n, -1).softmax(-1)
+        drawn = torch.multinomial(probs.reshape(batch * n, -1), 1, generator=generator).reshape(batch, n)
+        filled = torch.where(unknown, drawn, sample)
+        if step == steps - 1:
+            return filled.reshape(tokens.shape)
+        count = torch.minimum(unknown.sum(1) - 1, masked_count(n, start, step, steps, "cosine").long()).clamp(min=1)
+        noise = torch.zeros(batch, n).uniform_(0, 1, generator=generator)
+        gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))
+        chosen = probs.gather(-1, filled[..., None])[..., 0]
+        confidence = torch.where(unknown, torch.log(chosen.clamp(min=1e-20)) + temperatures[step] * gumbel, torch.inf)
+        ranked = torch.cat([confidence.sort(-1).values, torch.full((batch, 1), torch.inf)], 1)
+        sample = torch.where(confidence < ranked.gather(1, count[:, None]), mask_id, filled)
+
+
+def sampler_rows(args, generator: torch.Generator) -> list[dict]:
+    """8 steps of one image on fixed logits (random, one set for all steps): the time of the sampler alone."""
+    from meissonic import draws
+    from meissonic.sampler import decode
+
+    mask_id, steps = args.codes, 8
+    logits = torch.randn(1, args.grid, args.grid, args.codes, generator=generator).mul(3)  # positions-major, as ours
+    tokens = torch.full((1, args.grid, args.grid), mask_id)
+    grid = lambda t, s: logits.permute(0, 3, 1, 2)  # noqa: E731  (B, V, h, w), for the reference's step
+    rows_only = lambda t, s: logits[t == mask_id]  # noqa: E731  (M, V), as our pipeline hands them over
+    runs = {"multinomial over the grid": lambda: multinomial_over_the_grid(tokens, grid, steps, seeded(), mask_id),
+            "ours, torch's exponential_": lambda: plain(),
+            "ours": lambda: decode(tokens, rows_only, mask_id, steps, generator=seeded())}
+
+    def seeded():
+        return torch.Generator().manual_seed(args.seed)
+
+    def plain():
+        fast, draws.fast_cpu_stream = draws.fast_cpu_stream, lambda: False
+        try:
+            return decode(tokens, rows_only, mask_id, steps, generator=seeded())
+        finally:
+            draws.fast_cpu_stream = fast
+
+    outputs = {name: run() for name, run in runs.items()}
+    same = all(torch.equal(out, outputs["ours"]) for out in outputs.values())
+    return [{"what": "sampler", "share": 1.0, "path": name, "seconds": best(run, args.repeat), "same_tokens": same}
+            for name, run in runs.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=1024)
@@ -84,6 +141,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-call", action="store_true", help="the head alone, not the mid-size transformer call")
+    parser.add_argument("--no-sampler", action="store_true", help="not the sampler rows")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str)
     args = parser.parse_args()
     bad = [s for s in args.shares if not 0 < s <= 1]
@@ -92,9 +151,13 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         rows = head_rows(args, generator) + ([] if args.no_call else call_rows(args, generator))
+        rows += [] if args.no_sampler else sampler_rows(args, generator)
     print(f"head: width {args.width}, {args.codes} codes, {args.batch} x {args.grid} x {args.grid} positions, "
           f"{args.dtype}, {torch.get_num_threads()} threads, best of {args.repeat}")
     for r in rows:
+        if r["what"] == "sampler":
+            print(f"sampler, 8 steps: {r['path']:<27} {r['seconds']:8.3f} s  same tokens: {r['same_tokens']}")
+            continue
         ratio = f"full {r['full_seconds']:.3f} s: {r['speedup']:.2f}x the full head" if r["what"] == "head" else ""
         print(f"{r['what']:<5} {r['path']:<17} share {r['share']:.2f} {r['seconds']:8.3f} s  {ratio}")
     if args.json:
