@@ -152,7 +152,8 @@ class Worker:
         for line in self.process.stdout:
             if line.startswith(MARK):
                 return json.loads(line[len(MARK):])
-        raise SystemExit(f"error: the {self.kind} worker stopped (exit code {self.process.wait()}); see its output above")
+        code = self.process.wait()
+        raise SystemExit(f"error: the {self.kind} worker stopped (exit code {code}); see its output above")
 
     def ask(self, command: str) -> dict:
         self.process.stdin.write(command + "\n")

@@ -39,6 +39,29 @@ def test_generate_writes_png_with_parameters(capsys, tiny_folder, tmp_path):
     assert params["temperature"] == [2.0, 0.0] and params["schedule"] == "cosine"
 
 
+def test_fewer_passes_options_reach_the_pipeline_and_the_png(capsys, tiny_folder, tmp_path, monkeypatch):
+    from meissonic.pipeline import MeissonicPipeline
+
+    seen = []
+    call = MeissonicPipeline.__call__
+    monkeypatch.setattr(MeissonicPipeline, "__call__", lambda self, **kw: seen.append(kw) or call(self, **kw))
+    code, _, err = generate(capsys, tiny_folder, tmp_path, "--seed", 1, "--guidance-interval", 0.25, 0.75,
+                            "--guidance-ramp", "--order", "halton", "--schedule", "arccos")
+    assert code == 0, err
+    assert seen[0]["guidance_interval"] == (0.25, 0.75) and seen[0]["guidance_ramp"] is True
+    assert seen[0]["order"] == "halton" and seen[0]["masking_schedule"] == "arccos"
+    params = json.loads(Image.open(tmp_path / "a-red-circle-on-the-left_1.png").text["parameters"])
+    assert params["guidance_interval"] == [0.25, 0.75] and params["guidance_ramp"] is True
+    assert params["order"] == "halton" and params["schedule"] == "arccos"
+
+
+@pytest.mark.parametrize("values", [("0.5", "0.5"), ("-0.1", "0.5"), ("0.2", "1.5")])
+def test_a_bad_guidance_interval_is_one_line(capsys, tiny_folder, tmp_path, values):
+    code, _, err = generate(capsys, tiny_folder, tmp_path, "--guidance-interval", *values)
+    assert code == 2 and "--guidance-interval" in err and "needs 0 <= START < END <= 1" in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
 @pytest.mark.exact
 def test_same_seed_same_image_and_no_overwrite(capsys, tiny_folder, tmp_path):
     assert generate(capsys, tiny_folder, tmp_path, "--seed", 3)[0] == 0

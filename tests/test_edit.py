@@ -92,12 +92,18 @@ def test_img2img_size_and_batch(pipe):
 # ---------------------------------------------------------------------------------------------- inpaint
 
 
+FEWER_PASSES = {"exact": {}, "interval": {"guidance_interval": (0.25, 0.75)}, "ramp": {"guidance_ramp": True},
+                "halton": {"order": "halton", "masking_schedule": "arccos"}}
+
+
 @pytest.mark.exact
-def test_inpaint_never_changes_tokens_outside_the_mask(pipe):
+@pytest.mark.parametrize("knobs", list(FEWER_PASSES))
+def test_inpaint_never_changes_tokens_outside_the_mask(pipe, knobs):
     image = picture()
     mask = np.zeros((48, 64), dtype=bool)
     mask[10:20, 20:30] = True  # touches tokens (0..1, 1)
-    out = inpaint(pipe, "x", image, mask, generator=gen(), num_inference_steps=4, keep_unmasked=False)
+    out = inpaint(pipe, "x", image, mask, generator=gen(), num_inference_steps=4, keep_unmasked=False,
+                  guidance_scale=3.0, **FEWER_PASSES[knobs])
     expected = torch.zeros(3, 4, dtype=torch.bool)
     expected[0:2, 1] = True
     assert torch.equal(out.masked[0], expected)
@@ -162,9 +168,10 @@ def test_mask_checks(tmp_path):
 
 
 @pytest.mark.exact
-def test_outpaint_size_and_kept_area(pipe):
+@pytest.mark.parametrize("knobs", list(FEWER_PASSES))
+def test_outpaint_size_and_kept_area(pipe, knobs):
     image = picture(64, 48)
-    out = outpaint(pipe, "x", image, left=10, right=20, generator=gen(), num_inference_steps=2)
+    out = outpaint(pipe, "x", image, left=10, right=20, generator=gen(), num_inference_steps=2, **FEWER_PASSES[knobs])
     result = out.images[0]
     assert result.size == (112, 48)  # left rounded up to 16; 16 + 64 + 20 -> 112
     assert np.array_equal(np.asarray(result)[:, 16:80], np.asarray(image))

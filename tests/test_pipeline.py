@@ -170,6 +170,58 @@ def test_guidance_off_runs_one_branch_and_on_runs_two(tiny):
     assert [batch for batch, _ in seen] == [1, 1, 2, 2]
 
 
+def test_guidance_interval_guides_only_its_share_of_the_steps(tiny):
+    """Steps 2-5 of 8 lie in [0.25, 0.75): two passes there (batch 2), one pass (the conditional branch) elsewhere."""
+    seen, handle = _capture_transformer_inputs(tiny)
+    try:
+        tiny("x", num_inference_steps=8, height=32, width=32, guidance_scale=5.0, generator=seeded(0),
+             guidance_interval=(0.25, 0.75))
+    finally:
+        handle.remove()
+    assert [batch for batch, _ in seen] == [1, 1, 2, 2, 2, 2, 1, 1]
+
+
+@pytest.mark.exact
+def test_unguided_steps_equal_a_generation_without_guidance(tiny):
+    """Outside the interval a step is the conditional branch alone: an interval no step falls in gives the tokens of
+    guidance off (the same one-image batches, kernels and random draws)."""
+    off = tiny("x", num_inference_steps=4, height=32, width=32, guidance_scale=1.0, generator=seeded(3),
+               output_type="latent").images
+    late = tiny("x", num_inference_steps=4, height=32, width=32, guidance_scale=5.0, generator=seeded(3),
+                output_type="latent", guidance_interval=(0.9, 1.0)).images
+    assert torch.equal(off, late)
+
+
+def test_guidance_ramp_skips_the_unguided_first_step_and_scales_by_known_tokens(tiny, monkeypatch):
+    """Scale 1 + (s - 1) * known share: all tokens masked at step 0, so one pass; after that two, guided at the
+    known share, per image."""
+    import meissonic.pipeline as pipeline_module
+
+    scales = []
+    guided = pipeline_module.guided_logits
+    monkeypatch.setattr(pipeline_module, "guided_logits",
+                        lambda u, c, s, overwrite=False: scales.append(s) or guided(u, c, s, overwrite))
+    seen, handle = _capture_transformer_inputs(tiny)
+    states = []
+    try:
+        tiny("x", num_inference_steps=4, height=32, width=32, guidance_scale=5.0, generator=seeded(0),
+             guidance_ramp=True, callback=lambda step, t, tokens: states.append(tokens.clone()))
+    finally:
+        handle.remove()
+    assert [batch for batch, _ in seen] == [1, 2, 2, 2]
+    for before, scale in zip(states[:3], scales):  # the grid after step i is the one step i + 1 guides
+        known = (before != tiny.transformer.mask_token_id).float().mean()
+        torch.testing.assert_close(scale, torch.full_like(scale, float(1 + 4 * known)))
+
+
+def test_halton_order_generates_and_is_seeded(tiny):
+    run = lambda seed: tiny("x", num_inference_steps=4, height=32, width=32, generator=seeded(seed),  # noqa: E731
+                            order="halton", output_type="latent").images
+    first = run(1)
+    assert (first != tiny.transformer.mask_token_id).all()
+    assert torch.equal(first, run(1)) and not torch.equal(first, run(2))
+
+
 def test_timestep_convention_follows_the_config(reference, tiny):
     _, released = reference
     seen, handle = _capture_transformer_inputs(released)
@@ -239,6 +291,9 @@ def test_bf16_pipeline(tiny_folder):
         (dict(num_images_per_prompt=0), "num_images_per_prompt=0"),
         (dict(prompt=None), "exactly one of prompt or prompt_embeds"),
         (dict(prompt=["a", "b"], negative_prompt=["n"]), "1 negative prompts for 2 prompts"),
+        (dict(guidance_interval=(0.5, 0.5)), r"guidance_interval=\(0.5, 0.5\): needs 0 <= start < end <= 1"),
+        (dict(guidance_interval=(0.2,)), "give \\(start, end\\)"),
+        (dict(order="zigzag"), "order='zigzag' is not one of confidence, halton"),
     ],
 )
 def test_bad_arguments_are_refused(tiny, kw, match):

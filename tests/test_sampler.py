@@ -209,7 +209,8 @@ def multinomial_over_the_grid(tokens, logits_fn, steps, generator):
         count = torch.minimum(unknown.sum(1) - 1, masked_count(n, start, step, steps, "cosine").long()).clamp(min=1)
         noise = torch.zeros(batch, n).uniform_(0, 1, generator=generator)
         gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))
-        confidence = torch.log(probs.gather(-1, filled[..., None])[..., 0].clamp(min=1e-20)) + temperatures[step] * gumbel
+        chosen = probs.gather(-1, filled[..., None])[..., 0]
+        confidence = torch.log(chosen.clamp(min=1e-20)) + temperatures[step] * gumbel
         confidence = torch.where(unknown, confidence, torch.inf)
         ranked = torch.cat([confidence.sort(-1).values, torch.full((batch, 1), torch.inf)], 1)
         sample = torch.where(confidence < ranked.gather(1, count[:, None]), MASK, filled)
@@ -239,3 +240,49 @@ def test_masked_rows_only_draw_what_a_multinomial_over_the_whole_grid_draws():
 def test_logits_of_the_wrong_shape_or_not_finite_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         decode(torch.full((2, 4, 4), MASK), bad, MASK, 2, generator=torch.Generator().manual_seed(0))
+
+
+def test_halton_ranks_are_a_permutation_spread_over_the_grid():
+    from meissonic.orders import halton_ranks
+
+    for height, width in ((8, 8), (5, 7), (64, 64)):
+        ranks = halton_ranks(height, width)
+        assert sorted(ranks.tolist()) == list(range(height * width))
+    first = torch.argsort(halton_ranks(8, 8))[:16]  # a quarter of the grid: 3 to 5 in each quadrant (raster: 8, 8, 0, 0)
+    quadrants = torch.bincount(torch.tensor([int(i) // 8 // 4 * 2 + int(i) % 8 // 4 for i in first]), minlength=4)
+    assert quadrants.min() >= 3 and quadrants.max() <= 5
+
+
+def test_halton_order_keeps_the_earliest_positions_of_each_images_rolled_order():
+    """Each step keeps the drawn tokens at the unknown positions earliest in the image's rolled Halton order, as many
+    as the schedule says; the roll is drawn from each image's own generator."""
+    from meissonic.orders import rolled_ranks
+
+    seen = []
+    gens = [torch.Generator().manual_seed(s) for s in (3, 5)]
+    decode(torch.full((2, 6, 6), MASK), recording(random_logits(1), seen), MASK, 4, generator=gens, order="halton")
+    offsets = torch.cat([torch.randint(0, 36, (1,), generator=torch.Generator().manual_seed(s)) for s in (3, 5)])
+    ranks = rolled_ranks(6, 6, offsets)
+    assert not torch.equal(ranks[0], ranks[1])
+    for step in range(1, 4):
+        kept = (seen[step] != MASK).flatten(1)
+        for b in range(2):
+            count = int(kept[b].sum())
+            assert count == 36 - masked_count(36, torch.tensor([1.0]), step - 1, 4, "cosine").long().item()
+            assert set(torch.argsort(ranks[b])[:count].tolist()) == set(kept[b].nonzero()[:, 0].tolist())
+
+
+def test_halton_order_keeps_known_tokens_and_refuses_unknown_orders():
+    tokens = torch.full((1, 5, 5), MASK)
+    tokens[0, 0] = 4
+    out = decode(tokens, random_logits(), MASK, 3, generator=torch.Generator().manual_seed(0), order="halton")
+    assert (out[0, 0] == 4).all() and (out != MASK).all()
+    with pytest.raises(ValueError, match="order='random' is not one of confidence, halton"):
+        decode(tokens, random_logits(), MASK, 3, order="random")
+
+
+def test_arccos_schedule_is_halton_maskgits():
+    from meissonic.sampler import arccos_schedule
+
+    progress = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(arccos_schedule(progress), torch.tensor([1.0, 2 / 3, 0.0]))

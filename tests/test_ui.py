@@ -66,6 +66,26 @@ def test_studio_reports_bad_input_as_user_errors(tiny_folder):
     assert seed == 3 and images[0].size == (32, 32) and steps == [(0, 2), (1, 2)]
 
 
+def test_studio_passes_the_fewer_passes_settings_on(tiny_folder, monkeypatch):
+    from meissonic import MeissonicPipeline
+
+    pipe = MeissonicPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    call = MeissonicPipeline.__call__
+    monkeypatch.setattr(MeissonicPipeline, "__call__", lambda self, **kw: seen.append(kw) or call(self, **kw))
+    studio = Studio(pipe, str(tiny_folder))
+    fewer = Settings(randomize=False, width=32, height=32, steps=4, guidance_interval=(0.25, 0.75),
+                     guidance_ramp=True, order="halton", schedule="arccos")
+    studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0), fewer)
+    studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0), Settings(randomize=False, width=32, height=32))
+    assert (seen[0]["guidance_interval"], seen[0]["guidance_ramp"], seen[0]["order"]) == ((0.25, 0.75), True, "halton")
+    assert seen[1]["guidance_interval"] is None  # the whole range: every step guided, as without the setting
+    with pytest.raises(ValueError, match="needs 0 <= start < end <= 1"):
+        studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0),
+                    Settings(randomize=False, width=32, height=32, guidance_interval=(0.6, 0.4)))
+
+
 # ---------------------------------------------------------------------------------------------- in a browser
 
 

@@ -74,7 +74,14 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt, sampled as one batch")
     p.add_argument("--temperature", type=float, nargs=2, default=(2.0, 0.0), metavar=("START", "END"),
                    help="Gumbel-noise temperature, annealed from START to END (default 2 0)")
-    p.add_argument("--schedule", choices=("cosine", "linear"), help="mask schedule (default: the model's)")
+    p.add_argument("--schedule", choices=("cosine", "linear", "arccos"), help="mask schedule (default: the model's)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                   help="guide only the steps whose share of the steps done lies in [START, END); the others run "
+                        "one pass instead of two (default: every step)")
+    p.add_argument("--guidance-ramp", action="store_true",
+                   help="scale guidance by the share of tokens already known (MUSE/MAR); the first step runs unguided")
+    p.add_argument("--order", choices=("confidence", "halton"), default="confidence",
+                   help="which drawn tokens each step keeps: the most confident (default) or a Halton order")
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-condition (default 6)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     add_runtime_options(p)
@@ -132,6 +139,9 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     check_runtime_args(args)
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):
         raise UsageError(f"--guidance {args.guidance}: must be a finite number >= 0")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1:
+        start, end = args.guidance_interval
+        raise UsageError(f"--guidance-interval {start:g} {end:g}: needs 0 <= START < END <= 1 (shares of the steps)")
     for name in ("width", "height"):
         value = getattr(args, name, None)
         if value is not None and (value < 16 or value % 16):
@@ -176,6 +186,9 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
         "temperature": tuple(args.temperature),
         "masking_schedule": args.schedule,
         "micro_conditioning_aesthetic_score": args.aesthetic_score,
+        "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
+        "guidance_ramp": args.guidance_ramp,
+        "order": args.order,
     }
     jobs = share.take(list(enumerate(prompts)))  # (number in the whole list, prompt): seeds follow the number
     if args.release_text_encoder:
@@ -200,6 +213,9 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
                 "height": image.height,
                 "temperature": list(args.temperature),
                 "schedule": args.schedule or pipe.scheduler.config.masking_schedule,
+                "guidance_interval": None if args.guidance_interval is None else list(args.guidance_interval),
+                "guidance_ramp": args.guidance_ramp,
+                "order": args.order,
                 "aesthetic_score": args.aesthetic_score,
                 "model": str(args.model),
                 "lora": None if args.lora is None else str(args.lora),

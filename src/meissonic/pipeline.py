@@ -28,6 +28,7 @@ from .loading import (
     resolve_model_folder,
     weights_are_pickle,
 )
+from .orders import ORDERS
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -307,6 +308,9 @@ class MeissonicPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         masking_schedule: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_ramp: bool = False,
+        order: str = "confidence",
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
@@ -315,6 +319,12 @@ class MeissonicPipeline(DiffusionPipeline):
         guidance 9 for both). `generator` may be a list, one per image. `latents` is an initial token
         grid (B, h, w) with the mask id where unknown. `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
         may return {"latents": tokens} to replace the grid. `masking_schedule` overrides the scheduler's.
+
+        Fewer passes (off by default): `guidance_interval=(start, end)` guides only the steps whose share of the steps
+        done before them lies in [start, end); the others run the conditional branch alone, one pass instead of two.
+        `guidance_ramp=True` scales guidance by the share of tokens already known, `1 + (scale - 1) * known` (MUSE,
+        MAR): the first step of a generation then runs unguided. `order="halton"` keeps the drawn tokens in a Halton
+        order instead of by confidence (see `meissonic.orders`).
         """
         height = self.defaults["resolution"] if height is None else height
         width = self.defaults["resolution"] if width is None else width
@@ -328,6 +338,9 @@ class MeissonicPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        guided_steps = guidance_steps(num_inference_steps, guidance_interval)
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not one of {', '.join(ORDERS)}")
         if latents is not None:
             height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
         self.check_size(height, width)
@@ -348,27 +361,43 @@ class MeissonicPipeline(DiffusionPipeline):
         convention = self.transformer.config.get("mask_rate_conditioning", "step_index")
         mask_id = self.scheduler.config.mask_token_id
 
+        cond_cache = ConditionCache()  # for the steps outside the guidance interval: the conditional half alone
+
         def logits_fn(sample: torch.Tensor, step: int) -> torch.Tensor:
             if convention == "step_index":  # the reference: remaining step index N-1..0, one value for the batch
                 timestep = torch.tensor([num_inference_steps - 1 - step], device=device)
             else:  # share of tokens still masked, per image
                 timestep = (sample == mask_id).flatten(1).float().mean(1)  # (B,)
-            model_input = torch.cat([sample, sample]) if use_cfg else sample
-            if use_cfg and timestep.numel() > 1:
+            masked = sample == mask_id
+            scale = guidance_scale
+            if use_cfg and guidance_ramp:  # per image, by the share of tokens already known
+                scale = 1 + (guidance_scale - 1) * (1 - masked.flatten(1).float().mean(1))  # (B,)
+            guide = use_cfg and guided_steps[step] and not (guidance_ramp and bool((scale == 1).all()))
+            if not guide:
+                return self.transformer(
+                    hidden_states=sample,
+                    encoder_hidden_states=hidden[-batch:],
+                    pooled_projections=pooled[-batch:],
+                    micro_conds=micro_conds[-batch:],
+                    timestep=timestep,
+                    cache=cond_cache if use_cfg else cache,
+                    logits_for=masked,
+                )  # (M, V): the conditional branch (the second half when guiding)
+            if timestep.numel() > 1:
                 timestep = torch.cat([timestep, timestep])
             logits = self.transformer(
-                hidden_states=model_input,
+                hidden_states=torch.cat([sample, sample]),
                 encoder_hidden_states=hidden,
                 pooled_projections=pooled,
                 micro_conds=micro_conds,
                 timestep=timestep,
                 cache=cache,
-                logits_for=model_input == mask_id,  # the sampler reads masked tokens' logits only
-            )  # (M or 2M, V): the masked positions' rows, image by image
-            if use_cfg:  # both halves of the batch hold the same grid, so the same rows
-                uncond, cond = logits.chunk(2)
-                logits = guided_logits(uncond, cond, guidance_scale, overwrite=True)  # the logits are ours
-            return logits
+                logits_for=torch.cat([masked, masked]),  # the sampler reads masked tokens' logits only
+            )  # (2M, V): the masked positions' rows, image by image
+            uncond, cond = logits.chunk(2)  # both halves of the batch hold the same grid, so the same rows
+            if isinstance(scale, torch.Tensor):  # one scale per image, repeated over its masked rows
+                scale = scale.repeat_interleave(masked.flatten(1).sum(1))[:, None].to(logits.dtype)
+            return guided_logits(uncond, cond, scale, overwrite=True)  # the logits are ours
 
         progress = self.progress_bar(total=num_inference_steps)
 
@@ -394,6 +423,7 @@ class MeissonicPipeline(DiffusionPipeline):
                     temperature=temperature,
                     generator=generator,
                     on_step=on_step,
+                    order=order,
                 )
 
         if output_type == "latent":
@@ -440,6 +470,19 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents.shape[0] not in (1, batch):
             raise ValueError(f"latents hold {latents.shape[0]} grids for {batch} images")
         return latents.expand(batch, -1, -1).clone()
+
+
+def guidance_steps(steps: int, interval: tuple[float, float] | None) -> list[bool]:
+    """Which of `steps` steps are guided: those whose share of the steps done before them lies in [start, end)."""
+    if interval is None:
+        return [True] * steps
+    try:
+        start, end = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval={interval!r}: give (start, end), shares of the steps") from None
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"guidance_interval={interval!r}: needs 0 <= start < end <= 1 (shares of the steps)")
+    return [start <= step / steps < end for step in range(steps)]
 
 
 def prompt_list(prompt: str | list[str], error: type[ValueError] = ValueError) -> list[str]:

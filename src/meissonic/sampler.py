@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .draws import Draws
+from .orders import ORDERS, rolled_ranks
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 # logits_fn(tokens (B, h, w), step index) -> logits (B, codebook_size, h, w), or compact (M, codebook_size): the rows of
@@ -37,9 +38,15 @@ def linear_schedule(progress: torch.Tensor) -> torch.Tensor:
     return 1 - progress
 
 
+def arccos_schedule(progress: torch.Tensor) -> torch.Tensor:
+    """Halton-MaskGIT's schedule: slow at first, fast at the end."""
+    return torch.arccos(progress.clamp(max=1.0)) / (math.pi / 2)
+
+
 MASK_SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cosine": cosine_schedule,
     "linear": linear_schedule,
+    "arccos": arccos_schedule,
 }
 
 
@@ -71,6 +78,25 @@ def guided_logits(uncond: torch.Tensor, cond: torch.Tensor, scale: float, overwr
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.zeros(shape, device=gen_device).uniform_(0, 1, generator=generator).to(device)
+
+
+def _randint(high: int, count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, high, (count,), generator=generator, device=gen_device).to(device)
+
+
+def _confidence(probs: torch.Tensor, drawn: torch.Tensor, unknown: torch.Tensor, temperature: float,
+                single: torch.Generator | None, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """log p of each drawn token + temperature * Gumbel noise, (B, N) (the reference scheduler's confidence)."""
+    batch, seq_len = unknown.shape
+    chosen = probs.gather(-1, drawn[:, None])[:, 0]  # (M,)
+    if generators is None:
+        noise = _uniform((batch, seq_len), single, unknown.device)
+    else:
+        noise = torch.cat([_uniform((1, seq_len), g, unknown.device) for g in generators])
+    gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))  # (B, N)
+    log_chosen = torch.zeros_like(noise).masked_scatter(unknown, torch.log(chosen.clamp(min=1e-20)))
+    return log_chosen + temperature * gumbel
 
 
 def _masked_rows(logits: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
@@ -105,16 +131,21 @@ def decode(
     temperature: float | Sequence[float] = (2.0, 0.0),
     generator: Generators = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    order: str = "confidence",
 ) -> torch.Tensor:
     """Fill every `mask_token_id` in `tokens` (B, h, w) over `num_steps` steps; returns the completed grid.
 
     Tokens that are not masked on entry are returned unchanged. `on_step(step, tokens)` sees the grid after each step
-    and may return a grid to continue from instead.
+    and may return a grid to continue from instead. `order`: which drawn tokens each step keeps: "confidence" (the
+    reference: the most probable, with annealed Gumbel noise) or "halton" (positions in a Halton order rolled by a
+    random offset per image, see `orders.py`; the same counts per step, no confidence noise drawn).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be at least 1")
     if schedule not in MASK_SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {sorted(MASK_SCHEDULES)}")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is not one of {', '.join(ORDERS)}")
     temperatures = temperature_schedule(temperature, num_steps)
     batch, height, width = tokens.shape
     seq_len = height * width
@@ -123,6 +154,12 @@ def decode(
     sample = tokens.reshape(batch, seq_len).clone()  # (B, N)
     start_ratio = (sample == mask_token_id).sum(dim=1).float() / seq_len  # (B,)
     draw = Draws(single, generators)
+    if order == "halton":  # one random offset per image, drawn before the first step
+        if generators is None:
+            offsets = _randint(seq_len, batch, single, sample.device)
+        else:
+            offsets = torch.cat([_randint(seq_len, 1, g, sample.device) for g in generators])
+        halton = -rolled_ranks(height, width, offsets).float()  # (B, N): earlier in the order = kept first
 
     for step in range(num_steps):
         unknown = sample == mask_token_id  # (B, N)
@@ -137,14 +174,10 @@ def decode(
         else:
             n_mask = masked_count(seq_len, start_ratio, step, num_steps, schedule).to(sample.device)  # (B,)
             n_mask = torch.minimum(unknown.sum(dim=1) - 1, n_mask.long()).clamp(min=1)  # (B,)
-            chosen = probs.gather(-1, drawn[:, None])[:, 0]  # (M,)
-            if generators is None:
-                noise = _uniform((batch, seq_len), single, sample.device)
+            if order == "halton":
+                confidence = halton
             else:
-                noise = torch.cat([_uniform((1, seq_len), g, sample.device) for g in generators])
-            gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))  # (B, N)
-            log_chosen = torch.zeros_like(noise).masked_scatter(unknown, torch.log(chosen.clamp(min=1e-20)))
-            confidence = log_chosen + temperatures[step] * gumbel
+                confidence = _confidence(probs, drawn, unknown, temperatures[step], single, generators)
             confidence = torch.where(unknown, confidence, torch.inf)  # known tokens are never re-masked
             ranked = torch.cat([confidence.sort(dim=-1).values, confidence.new_full((batch, 1), torch.inf)], 1)
             cut_off = ranked.gather(1, n_mask[:, None])  # (B, 1); +inf when every unknown token stays masked

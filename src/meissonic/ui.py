@@ -55,6 +55,9 @@ class Settings:
     schedule: str = "cosine"
     num_images: int = 1
     preview_every: int = 0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # shares of the steps that are guided: [start, end)
+    guidance_ramp: bool = False
+    order: str = "confidence"
 
 
 class UserError(ValueError):
@@ -120,6 +123,8 @@ class Studio:
         options = dict(negative_prompt=settings.negative_prompt, guidance_scale=settings.guidance,
                        num_inference_steps=settings.steps, num_images_per_prompt=settings.num_images,
                        temperature=(settings.temperature, 0.0), masking_schedule=settings.schedule,
+                       guidance_interval=None if settings.guidance_interval == (0, 1) else settings.guidance_interval,
+                       guidance_ramp=settings.guidance_ramp, order=settings.order,
                        generator=generators, callback_on_step_end=callback)
         try:
             with self.lock:
@@ -185,8 +190,14 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                     guidance = gr.Slider(0, 20, value=pipe.defaults["guidance"], step=0.5, label="Guidance")
                     steps = gr.Slider(1, 100, value=pipe.defaults["steps"], step=1, label="Steps")
                     temperature = gr.Slider(0, 5, value=2.0, step=0.1, label="Temperature (start; annealed to 0)")
-                    schedule = gr.Radio(["cosine", "linear"], value=pipe.scheduler.config.masking_schedule,
+                    schedule = gr.Radio(["cosine", "linear", "arccos"], value=pipe.scheduler.config.masking_schedule,
                                         label="Mask schedule")
+                    with gr.Row():
+                        guide_from = gr.Slider(0, 1, value=0, step=0.05, label="Guide from (share of the steps)")
+                        guide_to = gr.Slider(0, 1, value=1, step=0.05, label="Guide until (share of the steps)")
+                    with gr.Row():
+                        ramp = gr.Checkbox(value=False, label="Ramp guidance with the share of known tokens")
+                        order = gr.Radio(["confidence", "halton"], value="confidence", label="Unmasking order")
                     num_images = gr.Slider(1, 8, value=1, step=1, label="Number of images")
                     preview_every = gr.Slider(0, 16, value=0, step=1, label="Live preview every N steps (0: off)")
             with gr.Column(scale=1):
@@ -195,9 +206,10 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
 
         def run(task_name, prompt, i2i_img, editor_value, strength_value, out_img, left, right, top, bottom,
                 negative_prompt, seed_value, randomize_seed, w, h, g, n_steps, temp, sched, n_images, every,
-                progress=gr.Progress()):
+                g_from, g_to, g_ramp, unmask_order, progress=gr.Progress()):
             settings = Settings(negative_prompt or "", int(seed_value or 0), bool(randomize_seed), int(w), int(h),
-                                float(g), int(n_steps), float(temp), sched, int(n_images), int(every))
+                                float(g), int(n_steps), float(temp), sched, int(n_images), int(every),
+                                (float(g_from), float(g_to)), bool(g_ramp), unmask_order)
             image = i2i_img if task_name == TASKS[1] else out_img
             events: queue.Queue = queue.Queue()
 
@@ -230,7 +242,7 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                     return
 
         shared = [negative, seed, randomize, width, height, guidance, steps, temperature, schedule, num_images,
-                  preview_every]
+                  preview_every, guide_from, guide_to, ramp, order]
         for button, name, prompt_box in ((t2i_go, TASKS[0], t2i_prompt), (i2i_go, TASKS[1], i2i_prompt),
                                          (inp_go, TASKS[2], inp_prompt), (out_go, TASKS[3], out_prompt)):
             inputs = [gr.State(name), prompt_box, i2i_image, editor, strength, out_image, *margins, *shared]
