@@ -137,3 +137,18 @@ def test_eval_command_on_a_model(tiny_folder, tmp_path, capsys):
                  "--save-images", str(tmp_path / "imgs")])
     assert code == 0 and len(list((tmp_path / "imgs").iterdir())) == 3
     assert "held-out" in capsys.readouterr().out
+
+
+def test_eval_takes_the_fewer_passes_options(tiny_folder, tmp_path, capsys, monkeypatch):
+    from meissonic.pipeline import MeissonicPipeline
+
+    seen = []
+    call = MeissonicPipeline.__call__
+    monkeypatch.setattr(MeissonicPipeline, "__call__", lambda self, **kw: seen.append(kw) or call(self, **kw))
+    code = main(["eval", "shapes", "--model", str(tiny_folder), "--num", "1", "--steps", "2", "--size", "64",
+                 "--guidance-interval", "0", "0.5", "--guidance-ramp", "--order", "halton", "--schedule", "arccos"])
+    assert code == 0 and len(seen) == 3
+    assert all((kw["guidance_interval"], kw["guidance_ramp"], kw["order"], kw["masking_schedule"])
+               == ((0.0, 0.5), True, "halton", "arccos") for kw in seen)
+    assert main(["eval", "shapes", "--model", str(tiny_folder), "--guidance-interval", "0.5", "0.1"]) == 2
+    assert "--guidance-interval 0.5 0.1: needs 0 <= START < END <= 1" in capsys.readouterr().err

@@ -19,9 +19,12 @@ from .cli_common import (
     OFFLOADS,
     QUANTIZE,
     UsageError,
+    add_fewer_passes_options,
     add_runtime_options,
+    check_fewer_passes_args,
     check_runtime_args,
     check_vq_tile,
+    fewer_passes_kwargs,
     load_pipeline,
     prepare_pipeline,
     reason,
@@ -189,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     es.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     es.add_argument("--size", type=int, help="image side (default: the model's)")
+    add_fewer_passes_options(es)
     es.add_argument("--ground-truth", action="store_true", help="judge the data set's own images (checks the judge)")
     es.add_argument("--reconstruct", action="store_true",
                     help="judge the data set's images passed through the model's tokenizer (its ceiling)")
@@ -389,6 +393,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise UsageError(f"--num {args.num}: must be at least 1")
+    check_fewer_passes_args(args)
     check_runtime_args(args)
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
@@ -404,7 +409,8 @@ def eval_shapes(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device, args.model))
         prepare_pipeline(pipe, device, args)
         pipe.set_progress_bar_config(disable=True)
-        make, source = pipeline_images(pipe, args.steps, args.guidance, args.seed, args.size), args.model
+        sampling = fewer_passes_kwargs(args)
+        make, source = pipeline_images(pipe, args.steps, args.guidance, args.seed, args.size, sampling), args.model
     result = run_eval(make, args.num, args.seed, args.save_images)
     print(f"shapes eval of {source}, seed {args.seed}, {args.num} prompts per category")
     print(format_summary(result["summary"]))

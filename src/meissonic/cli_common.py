@@ -33,6 +33,30 @@ def add_runtime_options(p) -> None:
                    "(less memory for large images)")
 
 
+def add_fewer_passes_options(p) -> None:
+    """How each step runs: mask schedule, guidance interval and ramp, unmasking order (sampling commands, eval)."""
+    p.add_argument("--schedule", choices=("cosine", "linear", "arccos"), help="mask schedule (default: the model's)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                   help="guide only the steps whose share of the steps done lies in [START, END); the others run "
+                        "one pass instead of two (default: every step)")
+    p.add_argument("--guidance-ramp", action="store_true",
+                   help="scale guidance by the share of tokens already known (MUSE/MAR); the first step runs unguided")
+    p.add_argument("--order", choices=("confidence", "halton"), default="confidence",
+                   help="which drawn tokens each step keeps: the most confident (default) or a Halton order")
+
+
+def check_fewer_passes_args(args) -> None:
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1:
+        start, end = args.guidance_interval
+        raise UsageError(f"--guidance-interval {start:g} {end:g}: needs 0 <= START < END <= 1 (shares of the steps)")
+
+
+def fewer_passes_kwargs(args) -> dict:
+    """The pipeline keywords of `add_fewer_passes_options`."""
+    return {"masking_schedule": args.schedule, "order": args.order, "guidance_ramp": args.guidance_ramp,
+            "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval)}
+
+
 def check_vq_tile(tile: int | None) -> None:
     if tile is not None and tile < 4:
         raise UsageError(f"--vq-tile {tile}: must be at least 4 tokens")

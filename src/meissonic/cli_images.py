@@ -13,8 +13,11 @@ from pathlib import Path
 
 from .cli_common import (
     UsageError,
+    add_fewer_passes_options,
     add_runtime_options,
+    check_fewer_passes_args,
     check_runtime_args,
+    fewer_passes_kwargs,
     load_pipeline,
     prepare_pipeline,
     reason,
@@ -74,14 +77,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt, sampled as one batch")
     p.add_argument("--temperature", type=float, nargs=2, default=(2.0, 0.0), metavar=("START", "END"),
                    help="Gumbel-noise temperature, annealed from START to END (default 2 0)")
-    p.add_argument("--schedule", choices=("cosine", "linear", "arccos"), help="mask schedule (default: the model's)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
-                   help="guide only the steps whose share of the steps done lies in [START, END); the others run "
-                        "one pass instead of two (default: every step)")
-    p.add_argument("--guidance-ramp", action="store_true",
-                   help="scale guidance by the share of tokens already known (MUSE/MAR); the first step runs unguided")
-    p.add_argument("--order", choices=("confidence", "halton"), default="confidence",
-                   help="which drawn tokens each step keeps: the most confident (default) or a Halton order")
+    add_fewer_passes_options(p)
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-condition (default 6)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     add_runtime_options(p)
@@ -139,9 +135,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     check_runtime_args(args)
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):
         raise UsageError(f"--guidance {args.guidance}: must be a finite number >= 0")
-    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1:
-        start, end = args.guidance_interval
-        raise UsageError(f"--guidance-interval {start:g} {end:g}: needs 0 <= START < END <= 1 (shares of the steps)")
+    check_fewer_passes_args(args)
     for name in ("width", "height"):
         value = getattr(args, name, None)
         if value is not None and (value < 16 or value % 16):
@@ -184,11 +178,8 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
         "guidance_scale": guidance,
         "num_images_per_prompt": args.num_images,
         "temperature": tuple(args.temperature),
-        "masking_schedule": args.schedule,
         "micro_conditioning_aesthetic_score": args.aesthetic_score,
-        "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
-        "guidance_ramp": args.guidance_ramp,
-        "order": args.order,
+        **fewer_passes_kwargs(args),
     }
     jobs = share.take(list(enumerate(prompts)))  # (number in the whole list, prompt): seeds follow the number
     if args.release_text_encoder:

@@ -104,12 +104,15 @@ def reconstructed_images(vqvae, seed: int = 0) -> Callable[[Scene, int], Image.I
     return make
 
 
-def pipeline_images(pipe, steps: int | None, guidance: float | None, seed: int, size: int | None = None):
+def pipeline_images(pipe, steps: int | None, guidance: float | None, seed: int, size: int | None = None,
+                    sampling: dict | None = None):
+    """`sampling`: more pipeline keywords (schedule, guidance interval and ramp, order)."""
     import torch
 
     def make(scene: Scene, index: int) -> Image.Image:
         return pipe(prompt=scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
-                    height=size, width=size, generator=torch.Generator().manual_seed(seed + index)).images[0]
+                    height=size, width=size, generator=torch.Generator().manual_seed(seed + index),
+                    **(sampling or {})).images[0]
 
     return make
 
