@@ -194,26 +194,15 @@ def compact(fn):
 
 
 def multinomial_over_the_grid(tokens, logits_fn, steps, generator):
-    """The reference scheduler's draw, written out: softmax over every position, torch.multinomial over every row."""
-    temperatures = temperature_schedule((2.0, 0.0), steps)
-    batch, n = tokens.shape[0], tokens[0].numel()
-    sample = tokens.reshape(batch, n).clone()
-    start = (sample == MASK).sum(1).float() / n
-    for step in range(steps):
-        unknown = sample == MASK
-        probs = logits_fn(sample.reshape(tokens.shape), step).permute(0, 2, 3, 1).reshape(batch, n, -1).softmax(-1)
-        drawn = torch.multinomial(probs.reshape(batch * n, -1), 1, generator=generator).reshape(batch, n)
-        filled = torch.where(unknown, drawn, sample)
-        if step == steps - 1:
-            return filled.reshape(tokens.shape)
-        count = torch.minimum(unknown.sum(1) - 1, masked_count(n, start, step, steps, "cosine").long()).clamp(min=1)
-        noise = torch.zeros(batch, n).uniform_(0, 1, generator=generator)
-        gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))
-        chosen = probs.gather(-1, filled[..., None])[..., 0]
-        confidence = torch.log(chosen.clamp(min=1e-20)) + temperatures[step] * gumbel
-        confidence = torch.where(unknown, confidence, torch.inf)
-        ranked = torch.cat([confidence.sort(-1).values, torch.full((batch, 1), torch.inf)], 1)
-        sample = torch.where(confidence < ranked.gather(1, count[:, None]), MASK, filled)
+    """The reference scheduler's draw, written out once in scripts/bench_head.py (which times it against ours)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_head.py"
+    spec = importlib.util.spec_from_file_location("bench_head", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.multinomial_over_the_grid(tokens, logits_fn, steps, generator, MASK)
 
 
 @pytest.mark.exact
