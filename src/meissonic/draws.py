@@ -47,7 +47,6 @@ class Draws:
         self.noise: torch.Tensor | None = None  # q's memory, kept from step to step (a fresh one faults its pages in)
 
     def __call__(self, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        batch, seq_len = rows.shape
         if self.per_image is None:
             parts = [(self.generator, rows.flatten())]
         else:

@@ -364,14 +364,15 @@ class MeissonicPipeline(DiffusionPipeline):
         cond_cache = ConditionCache()  # for the steps outside the guidance interval: the conditional half alone
 
         def logits_fn(sample: torch.Tensor, step: int) -> torch.Tensor:
+            masked = sample == mask_id
+            masked_share = masked.flatten(1).float().mean(1)  # (B,)
             if convention == "step_index":  # the reference: remaining step index N-1..0, one value for the batch
                 timestep = torch.tensor([num_inference_steps - 1 - step], device=device)
             else:  # share of tokens still masked, per image
-                timestep = (sample == mask_id).flatten(1).float().mean(1)  # (B,)
-            masked = sample == mask_id
+                timestep = masked_share
             scale = guidance_scale
             if use_cfg and guidance_ramp:  # per image, by the share of tokens already known
-                scale = 1 + (guidance_scale - 1) * (1 - masked.flatten(1).float().mean(1))  # (B,)
+                scale = 1 + (guidance_scale - 1) * (1 - masked_share)  # (B,)
             guide = use_cfg and guided_steps[step] and not (guidance_ramp and bool((scale == 1).all()))
             if not guide:
                 return self.transformer(
