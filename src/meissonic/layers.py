@@ -131,7 +131,10 @@ class Attention(nn.Module):
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
 
-    def forward(self, x: torch.Tensor, rope: Rope, context: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, rope: Rope, context: torch.Tensor | None = None, kv=None):
+        """`kv`: a `step_cache.KVReuse`, which records this layer's keys and values on a full pass and, on a
+        partial pass (x holds a subset of the image positions, no text), returns every position's, the subset's
+        fresh; a joint layer then gets `context=None` and returns (image, None)."""
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)  # (B, H, N, d)
         n_ctx = 0
         if context is not None:
@@ -141,10 +144,14 @@ class Attention(nn.Module):
             n_ctx = context.shape[1]
             q, k, v = torch.cat([cq, q], dim=2), torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # (B, H, L+N, d)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if kv is not None:
+            k, v = kv(k, v)  # (B, H, L+N, d) on a partial pass
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, S, d); no mask: the reference lets pads be seen
         out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, S, inner)
-        if context is None:
+        if not self.joint:
             return out
+        if context is None:  # a partial pass: the image queries alone, the text's keys and values from `kv`
+            return self.to_out[0](out), None
         return self.to_out[0](out[:, n_ctx:]), self.to_add_out(out[:, :n_ctx])  # image (B, N, D), text (B, L, D)
 
 
@@ -202,10 +209,13 @@ class DoubleStreamBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: Rope):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: Rope, kv=None):
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)  # 6 x (B, D)
+        if context is None:  # a partial pass (step caching): the text stream is not computed
+            x = x + gate[:, None] * self.attn(modulate(x, shift, scale), rope, None, kv)[0]
+            return None, x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-        attn, c_attn = self.attn(modulate(x, shift, scale), rope, modulate(context, c_shift, c_scale))
+        attn, c_attn = self.attn(modulate(x, shift, scale), rope, modulate(context, c_shift, c_scale), kv)
         x = x + gate[:, None] * attn  # (B, N, D)
         x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
         context = context + c_gate[:, None] * c_attn  # (B, L, D)
@@ -223,11 +233,11 @@ class SingleStreamBlock(nn.Module):
         self.attn = Attention(dim, heads, head_dim, joint=False)
         self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope, kv=None) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)  # 3 x (B, D)
         h = modulate(x, shift, scale)  # (B, S, D)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")  # (B, S, 4D)
-        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))  # (B, S, D)
+        out = self.proj_out(torch.cat([self.attn(h, rope, kv=kv), mlp], dim=2))  # (B, S, D)
         return clip_fp16(x + gate[:, None] * out)
 
 

@@ -30,6 +30,7 @@ from .loading import (
 )
 from .orders import ORDERS
 from .sampler import MASK_SCHEDULES, decode, guided_logits
+from .step_cache import CachePlan, StepCache
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
 from .version import __version__
@@ -85,6 +86,7 @@ class MeissonicPipeline(DiffusionPipeline):
             vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
         )
         self.defaults = _sampling_defaults(transformer, defaults)
+        self.last_work: dict = {}  # the last call's transformer work (see `__call__`)
         self.vq_tile: int | None = None  # decode images in tiles of this many tokens a side (None: whole)
         self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see `encode_prompts_once`
         self.vae_scale_factor = downscale_factor(vqvae)
@@ -311,6 +313,7 @@ class MeissonicPipeline(DiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         guidance_ramp: bool = False,
         order: str = "confidence",
+        step_cache: CachePlan | None = None,
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
@@ -324,7 +327,11 @@ class MeissonicPipeline(DiffusionPipeline):
         done before them lies in [start, end); the others run the conditional branch alone, one pass instead of two.
         `guidance_ramp=True` scales guidance by the share of tokens already known, `1 + (scale - 1) * known` (MUSE,
         MAR): the first step of a generation then runs unguided. `order="halton"` keeps the drawn tokens in a Halton
-        order instead of by confidence (see `meissonic.orders`).
+        order instead of by confidence (see `meissonic.orders`). `step_cache=CachePlan(...)` runs full passes on
+        refresh steps only and partial passes between (see `meissonic.step_cache`).
+
+        `self.last_work` holds the transformer work of the call per image in full-pass equivalents (`passes`) and,
+        with a step cache, the full and partial pass counts and the caches' peak bytes.
         """
         height = self.defaults["resolution"] if height is None else height
         width = self.defaults["resolution"] if width is None else width
@@ -362,6 +369,25 @@ class MeissonicPipeline(DiffusionPipeline):
         mask_id = self.scheduler.config.mask_token_id
 
         cond_cache = ConditionCache()  # for the steps outside the guidance interval: the conditional half alone
+        block = self.transformer.block_grid(*grid)
+        cached = StepCache(step_cache, num_inference_steps, grid, block) if step_cache is not None else None
+        work = {"passes": 0.0}  # transformer work per image, in full-pass equivalents
+
+        def run(sample, masked, timestep, guided, **extra):
+            """One transformer call: both branches (negatives first) when `guided`, else the conditional one."""
+            if not guided:
+                return self.transformer(
+                    hidden_states=sample, encoder_hidden_states=hidden[-batch:], pooled_projections=pooled[-batch:],
+                    micro_conds=micro_conds[-batch:], timestep=timestep, cache=cond_cache if use_cfg else cache,
+                    logits_for=masked, **extra)  # the conditional branch (the second half when guiding)
+            if timestep.numel() > 1:
+                timestep = torch.cat([timestep, timestep])
+            extra = {k: torch.cat([v, v]) if k == "rows" else v for k, v in extra.items()}
+            return self.transformer(
+                hidden_states=torch.cat([sample, sample]), encoder_hidden_states=hidden, pooled_projections=pooled,
+                micro_conds=micro_conds, timestep=timestep, cache=cache,
+                logits_for=torch.cat([masked, masked]),  # the sampler reads masked tokens' logits only
+                **extra)  # rows of the masked positions, image by image: both halves hold the same grid
 
         def logits_fn(sample: torch.Tensor, step: int) -> torch.Tensor:
             masked = sample == mask_id
@@ -374,31 +400,37 @@ class MeissonicPipeline(DiffusionPipeline):
             if use_cfg and guidance_ramp:  # per image, by the share of tokens already known
                 scale = 1 + (guidance_scale - 1) * (1 - masked_share)  # (B,)
             guide = use_cfg and guided_steps[step] and not (guidance_ramp and bool((scale == 1).all()))
+            if cached is not None and not cached.is_full(step, guide, masked):
+                return partial_step(sample, masked, timestep, scale, guide)
+            kv = {} if cached is None else {"kv": cached.kv}
+            logits = run(sample, masked, timestep, guide, **kv)  # (M, V), or (2M, V) when guiding
+            work["passes"] += 2 if guide else 1
             if not guide:
-                return self.transformer(
-                    hidden_states=sample,
-                    encoder_hidden_states=hidden[-batch:],
-                    pooled_projections=pooled[-batch:],
-                    micro_conds=micro_conds[-batch:],
-                    timestep=timestep,
-                    cache=cond_cache if use_cfg else cache,
-                    logits_for=masked,
-                )  # (M, V): the conditional branch (the second half when guiding)
-            if timestep.numel() > 1:
-                timestep = torch.cat([timestep, timestep])
-            logits = self.transformer(
-                hidden_states=torch.cat([sample, sample]),
-                encoder_hidden_states=hidden,
-                pooled_projections=pooled,
-                micro_conds=micro_conds,
-                timestep=timestep,
-                cache=cache,
-                logits_for=torch.cat([masked, masked]),  # the sampler reads masked tokens' logits only
-            )  # (2M, V): the masked positions' rows, image by image
-            uncond, cond = logits.chunk(2)  # both halves of the batch hold the same grid, so the same rows
+                if cached is not None:
+                    cached.store(sample, masked, logits, None)
+                return logits
+            uncond, cond = logits.chunk(2)
             if isinstance(scale, torch.Tensor):  # one scale per image, repeated over its masked rows
                 scale = scale.repeat_interleave(masked.flatten(1).sum(1))[:, None].to(logits.dtype)
-            return guided_logits(uncond, cond, scale, overwrite=True)  # the logits are ours
+            if cached is None:
+                return guided_logits(uncond, cond, scale, overwrite=True)  # the logits are ours
+            diff = cond - uncond
+            guided = uncond + scale * diff  # = guided_logits(uncond, cond, scale)
+            cached.store(sample, masked, guided, diff)
+            return guided
+
+        def partial_step(sample, masked, timestep, scale, guide):
+            rows = cached.choose(sample, masked)  # (B, S) on the block grid
+            both = guide and step_cache.guidance == "both"
+            positions, fresh = run(sample, masked, timestep, both, kv=cached.kv, rows=rows)  # (K,), (K, V)
+            branches = 2 if both else 1
+            if both:
+                positions, (uncond, cond) = positions[:positions.numel() // 2], fresh.chunk(2)
+                fresh = uncond + _row_scale(scale, positions, masked) * (cond - uncond)
+            elif guide:  # the unconditional branch = conditional - the difference stored at the last full pass
+                fresh = fresh + (_row_scale(scale, positions, masked) - 1) * cached.diff[positions].to(fresh.dtype)
+            work["passes"] += branches * rows.shape[1] / (block[0] * block[1])
+            return cached.merge(sample, masked, rows, positions, fresh)
 
         progress = self.progress_bar(total=num_inference_steps)
 
@@ -427,6 +459,9 @@ class MeissonicPipeline(DiffusionPipeline):
                     order=order,
                 )
 
+        self.last_work = dict(work)
+        if cached is not None:
+            self.last_work.update(full=cached.full_passes, partial=cached.partial_passes, cache_bytes=cached.nbytes())
         if output_type == "latent":
             output = tokens
         else:
@@ -471,6 +506,13 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents.shape[0] not in (1, batch):
             raise ValueError(f"latents hold {latents.shape[0]} grids for {batch} images")
         return latents.expand(batch, -1, -1).clone()
+
+
+def _row_scale(scale, positions: torch.Tensor, masked: torch.Tensor):
+    """The guidance scale of each fresh row: a number, or per image (a ramp) picked by the row's image."""
+    if not isinstance(scale, torch.Tensor):
+        return scale
+    return scale[positions // masked[0].numel()][:, None]
 
 
 def guidance_steps(steps: int, interval: tuple[float, float] | None) -> list[bool]:

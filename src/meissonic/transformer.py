@@ -32,6 +32,7 @@ from .layers import (
     sinusoidal_embedding,
 )
 from .loading import own_memory
+from .step_cache import covered_tokens
 
 MICRO_COND_DIM = 256  # sinusoid width per micro-condition (hard-coded in the reference)
 NUM_MICRO_CONDS = 5  # width, height, crop top, crop left, aesthetic score
@@ -176,33 +177,72 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return Conditions(context=context, pooled=pooled, rope=rope)
 
     def predict(self, hidden_states: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
-                logits_for: torch.Tensor | None = None) -> torch.Tensor:
+                logits_for: torch.Tensor | None = None, kv=None, rows: torch.Tensor | None = None):
         """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w).
 
         `logits_for` (B, h, w) bool: the output head runs only at these positions (the sampler only reads the logits
         of masked tokens) and the logits come compact, (M, codebook_size) in the order of `hidden_states[logits_for]`,
         with the full head's values.
+
+        Step caching (`meissonic.step_cache`): `kv` records every attention layer's keys and values on a full pass.
+        With `rows` (B, S), indices of positions on the block grid (`block_grid`: the compressed grid with the 2x
+        feature compression), only those positions go through the blocks (not the text), every layer reading the
+        others' keys and values (the text's included) from `kv`; returns `(positions, logits)`: flat indices into the (B, h, w) token grid
+        of the tokens those rows cover (and that `logits_for` asks for), and their logits (K, codebook_size).
         """
         height, width = hidden_states.shape[-2:]
         x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
-        batch, dim, rows, cols = x.shape
-        x = self.project_to_hidden(self.project_to_hidden_norm(x.flatten(2).transpose(1, 2)))  # (B, N, D)
-        # Kept in float32 (the reference casts to the model dtype first, so bf16 rounds 47 * 1000 to 47104).
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).float() * 1000
-        temb = self.time_text_embed.time(timestep, conditions.pooled.dtype) + conditions.pooled  # (B, D)
+        batch, dim, block_rows, block_cols = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         context, rope = conditions.context, conditions.rope
         if rope[0].device != x.device:
             rope = (rope[0].to(x.device), rope[1].to(x.device))
-        for block in self.transformer_blocks:
-            context, x = self._run(block, x, context, temb, rope)  # (B, L, D), (B, N, D)
         n_ctx = context.shape[1]
-        x = torch.cat([context, x], dim=1)  # (B, L+N, D)
+        if rows is not None:  # a partial pass: the subset's features and RoPE rows; the text only as cached K/V
+            x = x.gather(1, rows[..., None].expand(-1, -1, dim))  # (B, S, D)
+            index = rows + n_ctx  # (B, S): places in the sequence [text; image]
+            rope = (rope[0][index][:, None], rope[1][index][:, None])  # (B, 1, S, d)
+            kv.partial(index)
+            context, n_ctx = None, 0
+        elif kv is not None:
+            kv.full()
+        x = self.project_to_hidden(self.project_to_hidden_norm(x))  # (B, N or S, D)
+        # Kept in float32 (the reference casts to the model dtype first, so bf16 rounds 47 * 1000 to 47104).
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).float() * 1000
+        temb = self.time_text_embed.time(timestep, conditions.pooled.dtype) + conditions.pooled  # (B, D)
+        for block in self.transformer_blocks:
+            context, x = self._run(block, x, context, temb, rope, kv)  # (B, L, D), (B, N, D)
+        if context is not None:
+            x = torch.cat([context, x], dim=1)  # (B, L+N, D)
         for block in self.single_transformer_blocks:
-            x = self._run(block, x, temb, rope)
-        x = self.project_from_hidden(self.project_from_hidden_norm(x[:, n_ctx:]))  # (B, N, D)
-        x = x.transpose(1, 2).reshape(batch, dim, rows, cols)  # (B, D, h', w')
+            x = self._run(block, x, temb, rope, kv)
+        x = self.project_from_hidden(self.project_from_hidden_norm(x[:, n_ctx:]))  # (B, N or S, D)
+        if rows is not None:
+            return self._partial_logits(x, rows, (block_rows, block_cols), (height, width), logits_for)
+        x = x.transpose(1, 2).reshape(batch, dim, block_rows, block_cols)  # (B, D, h', w')
         x = self.up_block(x)[..., :height, :width]  # (B, D, h, w)
         return self.mlm_layer(x, logits_for)  # (B, codebook_size, h, w), or (M, codebook_size) for `logits_for`
+
+    def _partial_logits(self, x: torch.Tensor, rows: torch.Tensor, block: tuple[int, int], grid: tuple[int, int],
+                        logits_for: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subset's block features (B, S, D) -> (flat token positions (K,), logits (K, V)) of the tokens they
+        cover. The 2x2 stride-2 transposed conv of the decompression maps each block position to its own 2x2 tokens
+        with no overlap, so it runs per row, as a product with its weights (the full pass's values to rounding)."""
+        batch, count, dim = x.shape
+        height, width = grid
+        upsample = self.up_block.upsample
+        if upsample is None:
+            tokens = rows  # (B, S): the block grid is the token grid
+        else:
+            x = upsample.norm(x)
+            weight = upsample.conv.weight  # (D_in, D_out, 2, 2)
+            x = torch.einsum("nsi,ioab->nsabo", x, weight.to(x.dtype)).reshape(batch, count * 4, dim)  # (B, 4S, D)
+            tokens = covered_tokens(rows, block[1], grid, compressed=True)  # (B, 4S)
+        wanted = tokens >= 0
+        if logits_for is not None:
+            wanted &= logits_for.flatten(1).gather(1, tokens.clamp(min=0))
+        flat = (tokens + torch.arange(batch, device=rows.device)[:, None] * (height * width))[wanted]  # (K,)
+        return flat, self.mlm_layer.rows(x[wanted])  # (K,), (K, V)
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -221,12 +261,15 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return_dict: bool = True,
         cache: ConditionCache | None = None,
         logits_for: torch.Tensor | None = None,
+        kv=None,
+        rows: torch.Tensor | None = None,
         **unused,
     ):
         """Reference-compatible call; returns the logits tensor (or `(logits,)` when `return_dict=False`).
 
         With a `cache`, the step-invariant conditioning is computed on the first call and reused after.
-        `logits_for` (B, h, w) bool limits the output head to those positions, in compact form (see `predict`).
+        `logits_for` (B, h, w) bool limits the output head to those positions, in compact form (see `predict`);
+        `kv` and `rows` run full and partial passes for step caching (see `predict`).
         """
         conditions = cache.conditions if cache is not None else None
         if conditions is None:
@@ -237,7 +280,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             if cache is not None:
                 cache.conditions = conditions
-        logits = self.predict(hidden_states, timestep, conditions, logits_for)
+        logits = self.predict(hidden_states, timestep, conditions, logits_for, kv, rows)
         return logits if return_dict else (logits,)
 
 
