@@ -21,6 +21,7 @@ from meissonic.edit import (
     token_mask,
 )
 from meissonic.pipeline import MeissonicPipeline
+from meissonic.step_cache import CachePlan
 from meissonic.vq import decode_tokens
 
 
@@ -93,7 +94,9 @@ def test_img2img_size_and_batch(pipe):
 
 
 FEWER_PASSES = {"exact": {}, "interval": {"guidance_interval": (0.25, 0.75)}, "ramp": {"guidance_ramp": True},
-                "halton": {"order": "halton", "masking_schedule": "arccos"}}
+                "halton": {"order": "halton", "masking_schedule": "arccos"}, "fast": {"speed": "fast"},
+                "fastest": {"speed": "fastest"}, "cached": {"step_cache": CachePlan(warmup=0, every=3, share=0.3)},
+                "cached-ramp": {"step_cache": CachePlan(warmup=0, every=3, share=0.5), "guidance_ramp": True}}
 
 
 @pytest.mark.exact

@@ -34,7 +34,13 @@ def add_runtime_options(p) -> None:
 
 
 def add_fewer_passes_options(p) -> None:
-    """How each step runs: mask schedule, guidance interval and ramp, unmasking order (sampling commands, eval)."""
+    """How each step runs: speed level, mask schedule, guidance interval and ramp, unmasking order, step caching
+    (sampling commands, eval)."""
+    from .speeds import SPEEDS
+
+    p.add_argument("--speed", choices=SPEEDS, help="exact (default: the reference sampler), fast or fastest: "
+                   "measured combinations of the options below (README: Fewer passes); options given beside a "
+                   "level replace its values")
     p.add_argument("--schedule", choices=("cosine", "linear", "arccos"), help="mask schedule (default: the model's)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="guide only the steps whose share of the steps done lies in [START, END); the others run "
@@ -43,18 +49,43 @@ def add_fewer_passes_options(p) -> None:
                    help="scale guidance by the share of tokens already known (MUSE/MAR); the first step runs unguided")
     p.add_argument("--order", choices=("confidence", "halton"), default="confidence",
                    help="which drawn tokens each step keeps: the most confident (default) or a Halton order")
+    p.add_argument("--step-cache", type=float, nargs=3, metavar=("WARMUP", "EVERY", "SHARE"),
+                   help="full passes on the first WARMUP share of the steps and every EVERY steps after; between "
+                        "them only a SHARE of the positions runs, the rest from caches (e.g. 0.3 4 0.25)")
 
 
 def check_fewer_passes_args(args) -> None:
+    """Refuse bad values and combinations of `add_fewer_passes_options` (one line each, no traceback)."""
+    fewer_passes_kwargs(args)
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1:
         start, end = args.guidance_interval
         raise UsageError(f"--guidance-interval {start:g} {end:g}: needs 0 <= START < END <= 1 (shares of the steps)")
 
 
 def fewer_passes_kwargs(args) -> dict:
-    """The pipeline keywords of `add_fewer_passes_options`."""
-    return {"masking_schedule": args.schedule, "order": args.order, "guidance_ramp": args.guidance_ramp,
-            "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval)}
+    """The pipeline keywords of `add_fewer_passes_options`, the speed level resolved (`speeds.sampling_settings`)."""
+    from .speeds import sampling_settings
+    from .step_cache import CachePlan
+
+    plan = None
+    if args.step_cache is not None:
+        warmup, every, share = args.step_cache
+        if every != int(every):
+            raise UsageError(f"--step-cache {warmup:g} {every:g} {share:g}: EVERY must be a whole number of steps")
+        try:
+            plan = CachePlan(warmup=warmup, every=int(every), share=share)
+        except ValueError as err:
+            raise UsageError(f"--step-cache {warmup:g} {every:g} {share:g}: {err}") from None
+    if (plan is not None or args.speed in ("fast", "fastest")) and getattr(args, "compile", False):
+        raise UsageError("--compile runs fixed shapes; step caching (--step-cache, --speed fast/fastest) runs "
+                         "partial passes of changing shapes: use --speed exact with --compile")
+    try:
+        return sampling_settings(
+            args.speed, masking_schedule=args.schedule, order=args.order, guidance_ramp=args.guidance_ramp,
+            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
+            step_cache=plan)
+    except ValueError as err:
+        raise UsageError(f"--speed {args.speed}: {err}" if args.speed else str(err)) from None
 
 
 def check_vq_tile(tile: int | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from .cli_common import (
@@ -203,10 +204,12 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
                 "width": image.width,
                 "height": image.height,
                 "temperature": list(args.temperature),
-                "schedule": args.schedule or pipe.scheduler.config.masking_schedule,
-                "guidance_interval": None if args.guidance_interval is None else list(args.guidance_interval),
-                "guidance_ramp": args.guidance_ramp,
-                "order": args.order,
+                "speed": args.speed or "exact",
+                "schedule": options["masking_schedule"] or pipe.scheduler.config.masking_schedule,
+                "guidance_interval": None if options["guidance_interval"] is None else list(options["guidance_interval"]),
+                "guidance_ramp": options["guidance_ramp"],
+                "order": options["order"],
+                "step_cache": None if options["step_cache"] is None else asdict(options["step_cache"]),
                 "aesthetic_score": args.aesthetic_score,
                 "model": str(args.model),
                 "lora": None if args.lora is None else str(args.lora),

@@ -30,6 +30,7 @@ from .loading import (
 )
 from .orders import ORDERS
 from .sampler import MASK_SCHEDULES, decode, guided_logits
+from .speeds import sampling_settings
 from .step_cache import CachePlan, StepCache
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -314,6 +315,7 @@ class MeissonicPipeline(DiffusionPipeline):
         guidance_ramp: bool = False,
         order: str = "confidence",
         step_cache: CachePlan | None = None,
+        speed: str | None = None,
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
@@ -328,7 +330,8 @@ class MeissonicPipeline(DiffusionPipeline):
         `guidance_ramp=True` scales guidance by the share of tokens already known, `1 + (scale - 1) * known` (MUSE,
         MAR): the first step of a generation then runs unguided. `order="halton"` keeps the drawn tokens in a Halton
         order instead of by confidence (see `meissonic.orders`). `step_cache=CachePlan(...)` runs full passes on
-        refresh steps only and partial passes between (see `meissonic.step_cache`).
+        refresh steps only and partial passes between (see `meissonic.step_cache`). `speed="exact"|"fast"|"fastest"`
+        picks a measured combination of these (`meissonic.speeds`); knobs given beside a level replace its values.
 
         `self.last_work` holds the transformer work of the call per image in full-pass equivalents (`passes`) and,
         with a step cache, the full and partial pass counts and the caches' peak bytes.
@@ -345,6 +348,13 @@ class MeissonicPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        settings = sampling_settings(speed, guidance_interval=guidance_interval, guidance_ramp=guidance_ramp,
+                                     order=order, step_cache=step_cache, masking_schedule=masking_schedule)
+        guidance_interval, guidance_ramp, order = (settings[k] for k in ("guidance_interval", "guidance_ramp", "order"))
+        step_cache, masking_schedule = settings["step_cache"], settings["masking_schedule"]
+        if step_cache is not None and getattr(self.transformer, "_meissonic_compiled", False):
+            raise ValueError("step caching runs partial passes whose shapes change every step: it cannot run on a "
+                             "compiled transformer (use speed='exact' with compile)")
         guided_steps = guidance_steps(num_inference_steps, guidance_interval)
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is not one of {', '.join(ORDERS)}")
