@@ -45,6 +45,8 @@ class BenchSpec:
     offload: str = "none"
     compile: bool = False
     device: str = "cpu"
+    speed: str = "exact"  # the sampler's speed level (`meissonic.speeds`)
+    tokens_out: str | None = None  # where the row writes its generated tokens (agreement between speed levels)
     reference: str | None = None  # file of the fp32 top-1 tokens on the fixed inputs (agreement is measured against)
     extra: dict = field(default_factory=dict)
 
@@ -203,8 +205,11 @@ def run_row(spec: BenchSpec) -> dict:
     t1 = time.perf_counter()
     tokens = pipe(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
                   guidance_scale=guidance, generator=generator, output_type="latent",
-                  callback_on_step_end=on_step).images
+                  callback_on_step_end=on_step, speed=spec.speed).images
     sample_s = time.perf_counter() - t1
+    work = pipe.last_work
+    if spec.tokens_out is not None:
+        torch.save(tokens.cpu(), spec.tokens_out)
     step_times = [b - a for a, b in zip([t1, *stamps[:-1]], stamps)]
     _sync(device)
     t2 = time.perf_counter()
@@ -222,6 +227,9 @@ def run_row(spec: BenchSpec) -> dict:
         resolution=resolution,
         steps=steps,
         guidance=guidance,
+        speed=spec.speed,
+        passes=work["passes"],  # full-pass equivalents per image (the batch's images run together)
+        cache_mb=work.get("cache_bytes", 0) / 2**20,
         threads=torch.get_num_threads(),
         **peak_memory(device),
     )
@@ -268,13 +276,17 @@ def _in_subprocess(task: str, spec: BenchSpec, out: str | None = None) -> dict:
 def run_bench(specs: list[BenchSpec], agreement: bool = True, on_row=None, repeat: int = 1) -> list[dict]:
     """Every spec in its own process; with `agreement`, an fp32 reference process first. With `repeat` > 1 the rows
     run in `repeat` interleaved rounds (every other round in reverse order, so no row always follows the same one)
-    and each row reports the median of its runs (`combine_runs`). `on_row(run)` sees each run as it finishes."""
+    and each row reports the median of its runs (`combine_runs`). `on_row(run)` sees each run as it finishes.
+    Rows of several speed levels also get `tokens_as_exact`: the share of their generated tokens equal to those of
+    the exact row of the same precision and quantization (same prompt and seed)."""
     runs: list[list[dict]] = [[] for _ in specs]
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
         if agreement:
             reference = str(Path(tmp) / "reference.pt")
             _in_subprocess("reference", specs[0], reference)
+        for i, spec in enumerate(specs):
+            spec.tokens_out = str(Path(tmp) / f"tokens-{i}.pt")
         for round_ in range(repeat):
             order = list(range(len(specs)))
             for i in order if round_ % 2 == 0 else order[::-1]:
@@ -288,9 +300,25 @@ def run_bench(specs: list[BenchSpec], agreement: bool = True, on_row=None, repea
                 runs[i].append(row)
                 if on_row is not None:
                     on_row(row)
-    if repeat == 1:
-        return [r[0] for r in runs]
-    return [combine_runs(r, runs[0]) for r in runs]
+        agreements = _tokens_as_exact(specs)
+    rows = [r[0] for r in runs] if repeat == 1 else [combine_runs(r, runs[0]) for r in runs]
+    for row, agree in zip(rows, agreements):
+        row["tokens_as_exact"] = agree
+    return rows
+
+
+def _tokens_as_exact(specs: list[BenchSpec]) -> list[float | None]:
+    """Per row: the share of its tokens equal to the exact row's of the same precision and quantization."""
+    exact = {(s.dtype, s.quantize): s.tokens_out for s in specs if s.speed == "exact"}
+    out = []
+    for spec in specs:
+        other = exact.get((spec.dtype, spec.quantize))
+        if other is None or len({s.speed for s in specs}) == 1:
+            out.append(None)
+            continue
+        mine, theirs = torch.load(spec.tokens_out, weights_only=True), torch.load(other, weights_only=True)
+        out.append((mine == theirs).float().mean().item())
+    return out
 
 
 TIMES = ("build_s", "text_s", "first_step_s", "step_s", "sample_s", "decode_s", "total_s")
@@ -308,6 +336,7 @@ def combine_runs(runs: list[dict], first_row_runs: list[dict]) -> dict:
         if key in row:
             row[key] = max(r[key] for r in runs)
     row["step_speedups"] = [base["step_s"] / r["step_s"] for base, r in zip(first_row_runs, runs)]
+    row["sample_ratios"] = [r["sample_s"] / base["sample_s"] for base, r in zip(first_row_runs, runs)]
     row["runs"] = runs
     return row
 
@@ -333,7 +362,9 @@ def _speedup(row: dict, base: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table; speed-up and weight share are relative to the first row (over repeated rounds, the median
-    and range of the per-round step speed-ups; times are medians)."""
+    and range of the per-round step speed-ups; times are medians). Rows of several speed levels: `speed_table`."""
+    if len({r.get("speed", "exact") for r in rows}) > 1:
+        return speed_table(rows)
     base = rows[0]
     gpu = "cuda_allocated_gb" in base
     memory_cols = "| CUDA alloc GB | CUDA reserved GB " if gpu else "| peak RSS GB "
@@ -349,6 +380,27 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['dtype']} | {quant} | {r['text_s']:.2f} | {r['step_s']:.3f} | {r['decode_s']:.2f} | "
                      f"{r['total_s']:.2f} {memory}| {_size(r['weights_gb'])} | "
                      f"{100 * r['weights_gb'] / base['weights_gb']:.0f}% | {_speedup(r, base)} | {agree} |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[dict]) -> str:
+    """One row per speed level: transformer compute per image (full-pass equivalents) and sampling time, each also
+    as a share of the first row's (exact, when listed first; over repeated rounds the median of the per-round
+    time ratios), the caches' size, peak memory and the share of tokens drawn as the exact row drew them."""
+    base = rows[0]
+    memory = "CUDA alloc GB" if "cuda_allocated_gb" in base else "peak RSS GB"
+    lines = [f"| speed | precision | quantize | compute (passes) | compute vs first | sample s | time vs first | "
+             f"total s | caches MB | {memory} | tokens as exact |", "|---" * 11 + "|"]
+    for r in rows:
+        ratios = r.get("sample_ratios") or [r["sample_s"] / base["sample_s"]]
+        time_share = f"{100 * statistics.median(ratios):.0f}%"
+        if len(ratios) > 1:
+            time_share += f" ({100 * min(ratios):.0f}-{100 * max(ratios):.0f}%)"
+        agree = "-" if r.get("tokens_as_exact") is None else f"{100 * r['tokens_as_exact']:.1f}%"
+        mem = r.get("cuda_allocated_gb", r["peak_rss_gb"])
+        lines.append(f"| {r['speed']} | {r['dtype']} | {r['quantize']} | {r['passes']:.1f} | "
+                     f"{100 * r['passes'] / base['passes']:.0f}% | {r['sample_s']:.2f} | {time_share} | "
+                     f"{r['total_s']:.2f} | {r['cache_mb']:.0f} | {mem:.2f} | {agree} |")
     return "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ from .cli_common import (
     version,
 )
 from .cli_images import add_image_commands
+from .speeds import SPEEDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vq-tile", type=int, help="decode in tiles of this many tokens a side")
     bench.add_argument("--offload", default="none", choices=OFFLOADS, help="GPU only: model or sequential offload")
     bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    bench.add_argument("--speeds", default="exact", help="comma-separated speed levels (exact, fast, fastest): one "
+                       "row per level with its transformer compute (full-pass equivalents) and time, and the share "
+                       "of tokens drawn as exact drew them")
+    bench.add_argument("--speed", dest="speeds", help="one speed level (same as --speeds with one)")
     bench.add_argument("--no-agreement", action="store_true",
                        help="skip the fp32 reference run that the top-1 token agreement is measured against")
     bench.add_argument("--repeat", type=int, default=1, help="run the rows this many rounds, interleaved; times "
@@ -265,6 +270,10 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--preset {args.preset!r}: choose from {', '.join(_preset_names())}")
     dtypes = _choices(args.dtypes, "--dtypes", ("fp32", "bf16", "fp16"))
     methods = _choices(args.quantize, "--quantize", QUANTIZE)
+    speeds = _choices(args.speeds, "--speeds", SPEEDS)
+    if args.compile and set(speeds) - {"exact"}:
+        raise UsageError("--compile runs fixed shapes; the fast and fastest levels run partial passes of changing "
+                         "shapes: bench them without --compile")
     if args.resolution is not None and (args.resolution < 16 or args.resolution % 16):
         raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 16")
     if args.steps is not None and args.steps < 1 or args.batch < 1:
@@ -286,7 +295,8 @@ def bench_command(args: argparse.Namespace) -> int:
     specs = [BenchSpec(model=args.model, preset=args.preset, dtype=d, quantize=q, resolution=args.resolution,
                        steps=args.steps, batch=args.batch, guidance=args.guidance,
                        release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
-                       compile=args.compile, device=str(device)) for d in dtypes for q in methods]
+                       compile=args.compile, device=str(device), speed=v)
+             for d in dtypes for q in methods for v in speeds]
     name = args.model or f"{args.preset} (random weights)"
     where = torch_device_name(device)
     print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)
