@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--release-text-encoder", action="store_true", help="free the text encoder before sampling")
     bench.add_argument("--vq-tile", type=int, help="decode in tiles of this many tokens a side")
     bench.add_argument("--offload", default="none", choices=OFFLOADS, help="GPU only: model or sequential offload")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the transformer (one graph per size)")
     bench.add_argument("--no-agreement", action="store_true",
                        help="skip the fp32 reference run that the top-1 token agreement is measured against")
     bench.add_argument("--repeat", type=int, default=1, help="run the rows this many rounds, interleaved; times "
