@@ -29,6 +29,7 @@ from .loading import (
     weights_are_pickle,
 )
 from .orders import ORDERS
+from .runtime import is_compiled
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -362,6 +363,7 @@ class MeissonicPipeline(DiffusionPipeline):
         mask_id = self.scheduler.config.mask_token_id
 
         cond_cache = ConditionCache()  # for the steps outside the guidance interval: the conditional half alone
+        static = is_compiled(self.transformer)  # compiled: the full head's grid logits and a static step, fixed shapes
 
         def logits_fn(sample: torch.Tensor, step: int) -> torch.Tensor:
             masked = sample == mask_id
@@ -382,7 +384,7 @@ class MeissonicPipeline(DiffusionPipeline):
                     micro_conds=micro_conds[-batch:],
                     timestep=timestep,
                     cache=cond_cache if use_cfg else cache,
-                    logits_for=masked,
+                    logits_for=None if static else masked,
                 )  # (M, V): the conditional branch (the second half when guiding)
             if timestep.numel() > 1:
                 timestep = torch.cat([timestep, timestep])
@@ -393,10 +395,12 @@ class MeissonicPipeline(DiffusionPipeline):
                 micro_conds=micro_conds,
                 timestep=timestep,
                 cache=cache,
-                logits_for=torch.cat([masked, masked]),  # the sampler reads masked tokens' logits only
+                logits_for=None if static else torch.cat([masked, masked]),  # the sampler reads masked rows only
             )  # (2M, V): the masked positions' rows, image by image
             uncond, cond = logits.chunk(2)  # both halves of the batch hold the same grid, so the same rows
-            if isinstance(scale, torch.Tensor):  # one scale per image, repeated over its masked rows
+            if isinstance(scale, torch.Tensor) and static:  # one scale per image, over its grid
+                scale = scale[:, None, None, None].to(logits.dtype)
+            elif isinstance(scale, torch.Tensor):  # one scale per image, repeated over its masked rows
                 scale = scale.repeat_interleave(masked.flatten(1).sum(1))[:, None].to(logits.dtype)
             return guided_logits(uncond, cond, scale, overwrite=True)  # the logits are ours
 
@@ -425,6 +429,7 @@ class MeissonicPipeline(DiffusionPipeline):
                     generator=generator,
                     on_step=on_step,
                     order=order,
+                    static=static,
                 )
 
         if output_type == "latent":
