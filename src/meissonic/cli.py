@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--release-text-encoder", action="store_true", help="free the text encoder before sampling")
     bench.add_argument("--vq-tile", type=int, help="decode in tiles of this many tokens a side")
     bench.add_argument("--offload", default="none", choices=OFFLOADS, help="GPU only: model or sequential offload")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the transformer (one graph per size)")
     bench.add_argument("--speeds", default="exact", help="comma-separated speed levels (exact, fast, fastest): one "
                        "row per level with its transformer compute (full-pass equivalents) and time, and the share "
                        "of tokens drawn as exact drew them")

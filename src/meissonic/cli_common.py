@@ -28,7 +28,7 @@ def add_runtime_options(p) -> None:
     p.add_argument("--offload", nargs="?", const="model", default="none", choices=OFFLOADS,
                    help="GPU only: 'model' moves whole components to the GPU in turn, 'sequential' layer by layer "
                         "(least memory, slowest); --offload alone means model")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (first step slower)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (first step per size slower)")
     p.add_argument("--vq-tile", type=int, help="decode images in overlapping tiles of this many tokens a side "
                    "(less memory for large images)")
 

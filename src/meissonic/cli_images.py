@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
                 "temperature": list(args.temperature),
                 "speed": args.speed or "exact",
                 "schedule": options["masking_schedule"] or pipe.scheduler.config.masking_schedule,
-                "guidance_interval": None if options["guidance_interval"] is None else list(options["guidance_interval"]),
+                "guidance_interval": options["guidance_interval"] and list(options["guidance_interval"]),
                 "guidance_ramp": options["guidance_ramp"],
                 "order": options["order"],
                 "step_cache": None if options["step_cache"] is None else asdict(options["step_cache"]),

@@ -11,6 +11,10 @@ On a CPU generator, torch's `exponential_` is a serial loop: 53 random bits per 
 only, chunk by chunk (0.3 s there): the same values, bit for bit, checked against `exponential_` once per process on a
 sample (`fast_cpu_stream()`); where they differ (another torch build), the plain `exponential_` is used. CUDA
 generators always use `exponential_`.
+
+Calling a `Draws` waits for the device: it counts each generator's masked rows (`int(...)`) and gathers them with a
+boolean index. The sampler's fixed-shape path (`decode(static=True)`, for torch.compile and CUDA graphs) takes
+`Draws.every_row` instead: the same noise for every row, no count, no gather; the step picks with `torch.where`.
 """
 
 from __future__ import annotations
@@ -69,6 +73,32 @@ class Draws:
         noise = self.noise.exponential_(1, generator=generator)
         noise = (noise if probs.shape[0] == shape[0] else noise[rows.to(device)]).to(probs.device)
         return torch.div(probs, noise, out=noise).argmax(dim=-1)  # q's memory is free to be overwritten
+
+    def every_row(self, rows: int, codes: int, device: torch.device) -> torch.Tensor:
+        """q (rows, codes) float32 for every position, the values and stream of `__call__`'s draws (one generator
+        over all rows, or one per image over its equal share), on `device`; nothing waits for the device. Sync-free
+        where the generator lives on `device` (a CPU generator's noise is copied there). The memory is reused from
+        call to call: read it before the next."""
+        if self.noise is None or self.noise.shape != (rows, codes) or self.noise.device != device:
+            self.noise = torch.empty(rows, codes, device=device)
+        generators = [self.generator] if self.per_image is None else self.per_image
+        for part, generator in zip(self.noise.chunk(len(generators)), generators):
+            _exponential(part, generator)
+        return self.noise
+
+
+def _exponential(out: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Fill `out` (rows, V) with Exp(1) noise from `generator`: `exponential_`'s values, by the fast CPU path where
+    it holds (the logarithm over every row here, chunk by chunk)."""
+    device = generator.device if generator is not None else out.device
+    if device.type == "cpu" and fast_cpu_stream():
+        buffer = torch.empty(min(CHUNK_ROWS, out.shape[0]), out.shape[1], dtype=torch.float64)
+        for chunk in out.split(buffer.shape[0]):
+            chunk.copy_(_log_transform(buffer[: chunk.shape[0]].uniform_(generator=generator)))
+    elif device == out.device:
+        out.exponential_(1, generator=generator)
+    else:
+        out.copy_(torch.empty(out.shape, device=device).exponential_(1, generator=generator))
 
 
 def _draw_cpu(probs: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .loading import (
     weights_are_pickle,
 )
 from .orders import ORDERS
+from .runtime import is_compiled
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .speeds import sampling_settings
 from .step_cache import CachePlan, StepCache
@@ -352,7 +353,7 @@ class MeissonicPipeline(DiffusionPipeline):
                                      order=order, step_cache=step_cache, masking_schedule=masking_schedule)
         guidance_interval, guidance_ramp, order = (settings[k] for k in ("guidance_interval", "guidance_ramp", "order"))
         step_cache, masking_schedule = settings["step_cache"], settings["masking_schedule"]
-        if step_cache is not None and getattr(self.transformer, "_meissonic_compiled", False):
+        if step_cache is not None and is_compiled(self.transformer):
             raise ValueError("step caching runs partial passes whose shapes change every step: it cannot run on a "
                              "compiled transformer (use speed='exact' with compile)")
         guided_steps = guidance_steps(num_inference_steps, guidance_interval)
@@ -379,6 +380,7 @@ class MeissonicPipeline(DiffusionPipeline):
         mask_id = self.scheduler.config.mask_token_id
 
         cond_cache = ConditionCache()  # for the steps outside the guidance interval: the conditional half alone
+        static = is_compiled(self.transformer)  # compiled: the full head's grid logits and a static step, fixed shapes
         block = self.transformer.block_grid(*grid)
         cached = StepCache(step_cache, num_inference_steps, grid, block) if step_cache is not None else None
         work = {"passes": 0.0}  # transformer work per image, in full-pass equivalents
@@ -389,14 +391,14 @@ class MeissonicPipeline(DiffusionPipeline):
                 return self.transformer(
                     hidden_states=sample, encoder_hidden_states=hidden[-batch:], pooled_projections=pooled[-batch:],
                     micro_conds=micro_conds[-batch:], timestep=timestep, cache=cond_cache if use_cfg else cache,
-                    logits_for=masked, **extra)  # the conditional branch (the second half when guiding)
+                    logits_for=None if static else masked, **extra)  # the conditional branch alone
             if timestep.numel() > 1:
                 timestep = torch.cat([timestep, timestep])
             extra = {k: torch.cat([v, v]) if k == "rows" else v for k, v in extra.items()}
             return self.transformer(
                 hidden_states=torch.cat([sample, sample]), encoder_hidden_states=hidden, pooled_projections=pooled,
                 micro_conds=micro_conds, timestep=timestep, cache=cache,
-                logits_for=torch.cat([masked, masked]),  # the sampler reads masked tokens' logits only
+                logits_for=None if static else torch.cat([masked, masked]),  # the sampler reads masked rows only
                 **extra)  # rows of the masked positions, image by image: both halves hold the same grid
 
         def logits_fn(sample: torch.Tensor, step: int) -> torch.Tensor:
@@ -419,8 +421,10 @@ class MeissonicPipeline(DiffusionPipeline):
                 if cached is not None:
                     cached.store(sample, masked, logits, None)
                 return logits
-            uncond, cond = logits.chunk(2)
-            if isinstance(scale, torch.Tensor):  # one scale per image, repeated over its masked rows
+            uncond, cond = logits.chunk(2)  # both halves of the batch hold the same grid, so the same rows
+            if isinstance(scale, torch.Tensor) and static:  # one scale per image, over its grid
+                scale = scale[:, None, None, None].to(logits.dtype)
+            elif isinstance(scale, torch.Tensor):  # one scale per image, repeated over its masked rows
                 scale = scale.repeat_interleave(masked.flatten(1).sum(1))[:, None].to(logits.dtype)
             if cached is None:
                 return guided_logits(uncond, cond, scale, overwrite=True)  # the logits are ours
@@ -467,6 +471,7 @@ class MeissonicPipeline(DiffusionPipeline):
                     generator=generator,
                     on_step=on_step,
                     order=order,
+                    static=static,
                 )
 
         self.last_work = dict(work)

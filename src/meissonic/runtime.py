@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,7 @@ class RunOptions:
     quantize: str = "none"  # none, int8, fp8, int4 (transformer weights)
     quantize_text_encoder: bool = False
     offload: str = "none"  # none, model (whole components to the GPU in turn), sequential (layer by layer)
-    compile: bool = False  # torch.compile the transformer blocks
+    compile: bool = False  # torch.compile the transformer's per-step call, as one graph
     vq_tile: int | None = None  # decode in tiles of this many tokens a side
 
 
@@ -147,15 +148,46 @@ def prepare(pipe, device: torch.device, options: RunOptions) -> None:
             pipe.enable_model_cpu_offload(device=device)
     release_freed_memory()
     if options.compile:
-        compile_transformer(pipe.transformer)
+        compile_transformer(pipe.transformer, device=device)
     pipe.enable_vq_tiling(options.vq_tile)
 
 
-def compile_transformer(transformer) -> None:
-    """torch.compile each transformer block in place (the blocks are the work; the rest stays eager, so the
-    masked-only output head and the condition cache keep working). The first step pays the compilation."""
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        block.compile()
+def compile_transformer(transformer, backend: str | Callable = "inductor", device: torch.device | None = None) -> None:
+    """torch.compile the transformer's per-step call, `predict`, whole and in place: `fullgraph=True` (the full head
+    has no graph break; a test checks), `dynamic=False` (one graph per grid size and batch, compiled on its first
+    step), inductor's `max-autotune` mode on CUDA (tuned kernels, CUDA graphs), its default mode elsewhere.
+
+    Only the full head is compiled: a call with `logits_for` (the masked-only head, compact rows of a data-dependent
+    shape) runs eagerly. The pipeline sees `is_compiled` and asks for grid logits and a static sampling step.
+    `backend`: torch.compile's (tests use "eager" or a counting one); `device`: where it will run (default: where the
+    weights are now). A second call does nothing. torchao's quantized weights (int8, fp8, int4, and int8-dynamic
+    in bf16 or on CUDA) trace into the graph; fbgemm's packed int8 linears do not, and are refused."""
+    if is_compiled(transformer):
+        return
+    from torch.ao.nn.quantized.dynamic import Linear as PackedLinear
+
+    if any(isinstance(m, PackedLinear) for m in transformer.modules()):
+        raise ValueError("compile with torch.ao's dynamic int8 linears (quantize 'int8-dynamic' on a CPU in fp32, "
+                         "fbgemm) cannot work: torch.compile cannot trace their packed weights; use 'int8', 'fp8', "
+                         "or bf16 with 'int8-dynamic'")
+    device = torch.device(device) if device is not None else transformer.device
+    mode = {"mode": "max-autotune"} if backend == "inductor" and device.type == "cuda" else {}
+    eager = transformer.predict
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend, **mode)
+
+    @functools.wraps(eager)
+    def predict(hidden_states, timestep, conditions, logits_for=None):
+        if logits_for is not None:
+            return eager(hidden_states, timestep, conditions, logits_for)
+        return compiled(hidden_states, timestep, conditions)
+
+    transformer.predict = predict
+    transformer._meissonic_compiled = True
+
+
+def is_compiled(transformer) -> bool:
+    """Whether `compile_transformer` compiled this transformer."""
+    return getattr(transformer, "_meissonic_compiled", False)
 
 
 @dataclass

@@ -187,8 +187,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Step caching (`meissonic.step_cache`): `kv` records every attention layer's keys and values on a full pass.
         With `rows` (B, S), indices of positions on the block grid (`block_grid`: the compressed grid with the 2x
         feature compression), only those positions go through the blocks (not the text), every layer reading the
-        others' keys and values (the text's included) from `kv`; returns `(positions, logits)`: flat indices into the (B, h, w) token grid
-        of the tokens those rows cover (and that `logits_for` asks for), and their logits (K, codebook_size).
+        others' keys and values (the text's included) from `kv`; returns `(positions, logits)`: flat indices into
+        the (B, h, w) token grid of the tokens those rows cover (and that `logits_for` asks for), and their logits (K, codebook_size).
         """
         height, width = hidden_states.shape[-2:]
         x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
