@@ -158,7 +158,7 @@ def compile_transformer(transformer, backend: str | Callable = "inductor", devic
     step), inductor's `max-autotune` mode on CUDA (tuned kernels, CUDA graphs), its default mode elsewhere.
 
     Only the full head is compiled: a call with `logits_for` (the masked-only head, compact rows of a data-dependent
-    shape) runs eagerly. The pipeline sees `is_compiled` and asks for grid logits and a static sampling step.
+    shape) or with step caching's `kv`/`rows` runs eagerly. The pipeline sees `is_compiled` and asks for grid logits and a static sampling step.
     `backend`: torch.compile's (tests use "eager" or a counting one); `device`: where it will run (default: where the
     weights are now). A second call does nothing. torchao's quantized weights (int8, fp8, int4, and int8-dynamic
     in bf16 or on CUDA) trace into the graph; fbgemm's packed int8 linears do not, and are refused."""
@@ -176,9 +176,9 @@ def compile_transformer(transformer, backend: str | Callable = "inductor", devic
     compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend, **mode)
 
     @functools.wraps(eager)
-    def predict(hidden_states, timestep, conditions, logits_for=None):
-        if logits_for is not None:
-            return eager(hidden_states, timestep, conditions, logits_for)
+    def predict(hidden_states, timestep, conditions, logits_for=None, kv=None, rows=None):
+        if logits_for is not None or kv is not None or rows is not None:  # masked-only head, step caching: eager
+            return eager(hidden_states, timestep, conditions, logits_for, kv, rows)
         return compiled(hidden_states, timestep, conditions)
 
     transformer.predict = predict
