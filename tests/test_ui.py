@@ -81,6 +81,10 @@ def test_studio_passes_the_fewer_passes_settings_on(tiny_folder, monkeypatch):
     studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0), Settings(randomize=False, width=32, height=32))
     assert (seen[0]["guidance_interval"], seen[0]["guidance_ramp"], seen[0]["order"]) == ((0.25, 0.75), True, "halton")
     assert seen[1]["guidance_interval"] is None  # the whole range: every step guided, as without the setting
+    assert seen[1]["speed"] is None and seen[1]["masking_schedule"] is None  # exact, the model's own schedule
+    studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0),
+                Settings(randomize=False, width=32, height=32, steps=6, speed="fastest"))
+    assert seen[2]["speed"] == "fastest" and pipe.last_work["partial"] > 0
     with pytest.raises(ValueError, match="needs 0 <= start < end <= 1"):
         studio.make("Text to image", "x", None, None, 0.5, (0, 0, 0, 0),
                     Settings(randomize=False, width=32, height=32, guidance_interval=(0.6, 0.4)))

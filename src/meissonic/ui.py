@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .speeds import SPEEDS  # noqa: E402
 from .vq import decode_tokens  # noqa: E402
 
 TASKS = ("Text to image", "Image to image", "Inpaint", "Outpaint")
@@ -58,6 +59,7 @@ class Settings:
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # shares of the steps that are guided: [start, end)
     guidance_ramp: bool = False
     order: str = "confidence"
+    speed: str = "exact"  # a level of `meissonic.speeds`; with "exact" the knobs above apply alone
 
 
 class UserError(ValueError):
@@ -122,9 +124,12 @@ class Studio:
 
         options = dict(negative_prompt=settings.negative_prompt, guidance_scale=settings.guidance,
                        num_inference_steps=settings.steps, num_images_per_prompt=settings.num_images,
-                       temperature=(settings.temperature, 0.0), masking_schedule=settings.schedule,
+                       temperature=(settings.temperature, 0.0),
+                       masking_schedule=None if settings.schedule == self.pipe.scheduler.config.masking_schedule
+                       else settings.schedule,
                        guidance_interval=None if settings.guidance_interval == (0, 1) else settings.guidance_interval,
                        guidance_ramp=settings.guidance_ramp, order=settings.order,
+                       speed=None if settings.speed == "exact" else settings.speed,
                        generator=generators, callback_on_step_end=callback)
         try:
             with self.lock:
@@ -190,6 +195,8 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                     guidance = gr.Slider(0, 20, value=pipe.defaults["guidance"], step=0.5, label="Guidance")
                     steps = gr.Slider(1, 100, value=pipe.defaults["steps"], step=1, label="Steps")
                     temperature = gr.Slider(0, 5, value=2.0, step=0.1, label="Temperature (start; annealed to 0)")
+                    speed = gr.Radio(list(SPEEDS), value="exact", label="Speed (fast, fastest: fewer and partial "
+                                     "passes, measured in the README; the options below replace a level's)")
                     schedule = gr.Radio(["cosine", "linear", "arccos"], value=pipe.scheduler.config.masking_schedule,
                                         label="Mask schedule")
                     with gr.Row():
@@ -206,10 +213,10 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
 
         def run(task_name, prompt, i2i_img, editor_value, strength_value, out_img, left, right, top, bottom,
                 negative_prompt, seed_value, randomize_seed, w, h, g, n_steps, temp, sched, n_images, every,
-                g_from, g_to, g_ramp, unmask_order, progress=gr.Progress()):
+                g_from, g_to, g_ramp, unmask_order, speed_level, progress=gr.Progress()):
             settings = Settings(negative_prompt or "", int(seed_value or 0), bool(randomize_seed), int(w), int(h),
                                 float(g), int(n_steps), float(temp), sched, int(n_images), int(every),
-                                (float(g_from), float(g_to)), bool(g_ramp), unmask_order)
+                                (float(g_from), float(g_to)), bool(g_ramp), unmask_order, speed_level or "exact")
             image = i2i_img if task_name == TASKS[1] else out_img
             events: queue.Queue = queue.Queue()
 
@@ -238,11 +245,14 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                     raise gr.Error(f"Generation failed: {type(payload).__name__}: {payload}")
                 else:
                     images, used, took = payload
-                    yield images, f"Seed **{used}** · {len(images)} image(s) in **{took:.1f} s** · {task_name}"
+                    passes = pipe.last_work.get("passes")
+                    work = f" · {passes:.1f} transformer passes an image" if passes else ""
+                    yield images, (f"Seed **{used}** · {len(images)} image(s) in **{took:.1f} s** · {task_name}"
+                                   f"{work}")
                     return
 
         shared = [negative, seed, randomize, width, height, guidance, steps, temperature, schedule, num_images,
-                  preview_every, guide_from, guide_to, ramp, order]
+                  preview_every, guide_from, guide_to, ramp, order, speed]
         for button, name, prompt_box in ((t2i_go, TASKS[0], t2i_prompt), (i2i_go, TASKS[1], i2i_prompt),
                                          (inp_go, TASKS[2], inp_prompt), (out_go, TASKS[3], out_prompt)):
             inputs = [gr.State(name), prompt_box, i2i_image, editor, strength, out_image, *margins, *shared]
