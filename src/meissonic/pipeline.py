@@ -334,7 +334,8 @@ class MeissonicPipeline(DiffusionPipeline):
         refresh steps only and partial passes between (see `meissonic.step_cache`). `speed="exact"|"fast"|"fastest"`
         picks a measured combination of these (`meissonic.speeds`); knobs given beside a level replace its values.
 
-        `self.last_work` holds the transformer work of the call per image in full-pass equivalents (`passes`) and,
+        `self.last_work` holds the transformer work of the call per image in full-pass equivalents (`passes`: a guided
+        full step 2, an unguided one 1, a partial pass its share of the sequence a full pass runs, text included) and,
         with a step cache, the full and partial pass counts and the caches' peak bytes.
         """
         height = self.defaults["resolution"] if height is None else height
@@ -443,7 +444,8 @@ class MeissonicPipeline(DiffusionPipeline):
                 fresh = uncond + _row_scale(scale, positions, masked) * (cond - uncond)
             elif guide:  # the unconditional branch = conditional - the difference stored at the last full pass
                 fresh = fresh + (_row_scale(scale, positions, masked) - 1) * cached.diff[positions].to(fresh.dtype)
-            work["passes"] += branches * rows.shape[1] / (block[0] * block[1])
+            # a full pass runs text + image positions through the blocks, a partial one the subset alone
+            work["passes"] += branches * rows.shape[1] / (block[0] * block[1] + hidden.shape[1])
             return cached.merge(sample, masked, rows, positions, fresh)
 
         progress = self.progress_bar(total=num_inference_steps)

@@ -135,9 +135,11 @@ class StepCache:
         if self.logits is None or self.logits.shape != (flat.numel(), rows.shape[1]) or self.logits.dtype != rows.dtype:
             self.logits = rows.new_zeros(flat.numel(), rows.shape[1])
         self.logits[flat] = rows
-        self.diff = None
-        if diff is not None:
-            self.diff = diff.new_zeros(self.logits.shape)
+        if diff is None:
+            self.diff = None
+        else:  # kept between refreshes when the shape allows: a fresh buffer would fault its pages in again
+            if self.diff is None or self.diff.shape != self.logits.shape or self.diff.dtype != diff.dtype:
+                self.diff = diff.new_zeros(self.logits.shape)
             self.diff[flat] = diff
         self.known = masked.reshape(batch, -1).clone()
         self.top = torch.full(self.known.shape, math.inf, device=rows.device)
