@@ -110,3 +110,22 @@ def test_bench_errors_are_one_line(capsys, argv, message):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_speed_rows_compare_with_the_exact_row_of_their_precision():
+    from meissonic.bench import _against_exact, speed_table
+
+    def row(speed, dtype, passes, times):
+        runs = [{"sample_s": t} for t in times]
+        return {"speed": speed, "dtype": dtype, "quantize": "none", "passes": passes, "sample_s": times[0],
+                "total_s": times[0] + 1, "cache_mb": 0 if speed == "exact" else 12.0, "peak_rss_gb": 1.0,
+                "tokens_as_exact": None, "runs": runs}
+
+    rows = [row("exact", "fp32", 64.0, [10.0, 20.0]), row("fast", "fp32", 25.6, [5.0, 8.0]),
+            row("exact", "bf16", 64.0, [4.0, 4.0]), row("fast", "bf16", 25.6, [2.0, 3.0])]
+    _against_exact(rows)
+    assert rows[1]["compute_vs_exact"] == pytest.approx(0.4) and rows[1]["time_vs_exact"] == [0.5, 0.4]
+    assert rows[3]["time_vs_exact"] == [0.5, 0.75]  # against bf16's exact, not the first row
+    table = speed_table(rows)
+    assert "| fast | bf16 | none | 25.6 | 40% | 2.00 | 62% (50-75%) |" in table
+    assert "| exact | fp32 | none | 64.0 | 100% | 10.00 | 100% (100-100%) |" in table

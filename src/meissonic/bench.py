@@ -304,7 +304,21 @@ def run_bench(specs: list[BenchSpec], agreement: bool = True, on_row=None, repea
     rows = [r[0] for r in runs] if repeat == 1 else [combine_runs(r, runs[0]) for r in runs]
     for row, agree in zip(rows, agreements):
         row["tokens_as_exact"] = agree
+    _against_exact(rows)
     return rows
+
+
+def _against_exact(rows: list[dict]) -> None:
+    """Each row's compute and sampling time as shares of the exact row of its precision and quantization (time: per
+    round, rows of one round having seen the same machine), when the rows hold several speed levels."""
+    exact = {(r["dtype"], r["quantize"]): r for r in rows if r.get("speed") == "exact"}
+    for row in rows:
+        base = exact.get((row["dtype"], row["quantize"]))
+        if base is None or len({r.get("speed") for r in rows}) == 1:
+            continue
+        row["compute_vs_exact"] = row["passes"] / base["passes"]
+        pairs = zip(base.get("runs", [base]), row.get("runs", [row]))
+        row["time_vs_exact"] = [mine["sample_s"] / theirs["sample_s"] for theirs, mine in pairs]
 
 
 def _tokens_as_exact(specs: list[BenchSpec]) -> list[float | None]:
@@ -336,7 +350,6 @@ def combine_runs(runs: list[dict], first_row_runs: list[dict]) -> dict:
         if key in row:
             row[key] = max(r[key] for r in runs)
     row["step_speedups"] = [base["step_s"] / r["step_s"] for base, r in zip(first_row_runs, runs)]
-    row["sample_ratios"] = [r["sample_s"] / base["sample_s"] for base, r in zip(first_row_runs, runs)]
     row["runs"] = runs
     return row
 
@@ -385,22 +398,22 @@ def format_table(rows: list[dict]) -> str:
 
 def speed_table(rows: list[dict]) -> str:
     """One row per speed level: transformer compute per image (full-pass equivalents) and sampling time, each also
-    as a share of the first row's (exact, when listed first; over repeated rounds the median of the per-round
-    time ratios), the caches' size, peak memory and the share of tokens drawn as the exact row drew them."""
-    base = rows[0]
-    memory = "CUDA alloc GB" if "cuda_allocated_gb" in base else "peak RSS GB"
-    lines = [f"| speed | precision | quantize | compute (passes) | compute vs first | sample s | time vs first | "
+    as a share of the exact row of the same precision and quantization (over repeated rounds the median and range of
+    the per-round time ratios), the caches' size, peak memory and the share of tokens drawn as exact drew them."""
+    memory = "CUDA alloc GB" if "cuda_allocated_gb" in rows[0] else "peak RSS GB"
+    lines = [f"| speed | precision | quantize | compute (passes) | compute vs exact | sample s | time vs exact | "
              f"total s | caches MB | {memory} | tokens as exact |", "|---" * 11 + "|"]
     for r in rows:
-        ratios = r.get("sample_ratios") or [r["sample_s"] / base["sample_s"]]
-        time_share = f"{100 * statistics.median(ratios):.0f}%"
-        if len(ratios) > 1:
+        ratios = r.get("time_vs_exact")
+        time_share = "-" if not ratios else f"{100 * statistics.median(ratios):.0f}%"
+        if ratios and len(ratios) > 1:
             time_share += f" ({100 * min(ratios):.0f}-{100 * max(ratios):.0f}%)"
+        compute = "-" if "compute_vs_exact" not in r else f"{100 * r['compute_vs_exact']:.0f}%"
         agree = "-" if r.get("tokens_as_exact") is None else f"{100 * r['tokens_as_exact']:.1f}%"
         mem = r.get("cuda_allocated_gb", r["peak_rss_gb"])
-        lines.append(f"| {r['speed']} | {r['dtype']} | {r['quantize']} | {r['passes']:.1f} | "
-                     f"{100 * r['passes'] / base['passes']:.0f}% | {r['sample_s']:.2f} | {time_share} | "
-                     f"{r['total_s']:.2f} | {r['cache_mb']:.0f} | {mem:.2f} | {agree} |")
+        lines.append(f"| {r['speed']} | {r['dtype']} | {r['quantize']} | {r['passes']:.1f} | {compute} | "
+                     f"{r['sample_s']:.2f} | {time_share} | {r['total_s']:.2f} | {r['cache_mb']:.0f} | {mem:.2f} | "
+                     f"{agree} |")
     return "\n".join(lines)
 
 
