@@ -98,9 +98,9 @@ def test_refreshing_every_step_is_the_exact_sampler(pipe):
 def test_cached_runs_count_their_work(pipe):
     tokens = tokens_of(pipe, step_cache=CachePlan(warmup=0.25, every=3, share=0.5))
     work = pipe.last_work
-    # steps 0, 1 (warm-up), 2 and 5 full and guided; 3, 4, 6, 7 one branch on 2 of the 4 block positions, a full
-    # pass running those 4 and the 77 text positions
-    share = 2 / (4 + 77)
+    # steps 0, 1 (warm-up), 2 and 5 full and guided; 3, 4, 6, 7 one branch on 8 of the 16 block positions (128 px:
+    # 8 x 8 tokens, 4 x 4 after the compression), a full pass running those 16 and the 77 text positions
+    share = 8 / (16 + 77)
     assert work["full"] == 4 and work["partial"] == 4 and work["passes"] == pytest.approx(4 * 2 + 4 * share)
     assert work["cache_bytes"] > 0 and not (tokens == pipe.scheduler.config.mask_token_id).any()
     tokens_of(pipe, step_cache=CachePlan(warmup=0.25, every=3, share=0.5, guidance="both"))
