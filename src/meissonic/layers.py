@@ -278,12 +278,15 @@ class TokenHead(nn.Module):
 
         `where` (B, h, w) bool: only the logits of those positions, compact (M, V) in the order of `x[where]` (each
         position is independent): the head costs its share of the positions, and nothing is written elsewhere."""
-        features = x.permute(0, 2, 3, 1)  # (B, h, w, D)
+        batch, dim, height, width = x.shape
+        # positions as the rows of one matrix: a product on a permuted 4-D view would run as a batched one with the
+        # weight copied once per grid row (171 ms per pass for the 1B at 512 px in bf16, a fifth of the pass)
+        features = x.permute(0, 2, 3, 1).reshape(-1, dim)  # (B * h * w, D)
         if where is None:
-            return self.rows(features).permute(0, 3, 1, 2)  # (B, V, h, w)
+            return self.rows(features).unflatten(0, (batch, height, width)).permute(0, 3, 1, 2)  # (B, V, h, w)
         if bool(where.all()):  # every position: the full head's rows as they are, without gathering the features
-            return self.rows(features).flatten(0, 2)  # (B * h * w, V)
-        return self.rows(features[where])  # (M, V)
+            return self.rows(features)  # (B * h * w, V)
+        return self.rows(features[where.reshape(-1)])  # (M, V)
 
 
 class Downsample(nn.Module):
