@@ -21,6 +21,7 @@ from meissonic.edit import (
     token_mask,
 )
 from meissonic.pipeline import MeissonicPipeline
+from meissonic.sizes import LargeSizeWarning, SizePolicy
 from meissonic.step_cache import CachePlan
 from meissonic.vq import decode_tokens
 
@@ -181,8 +182,15 @@ def test_outpaint_size_and_kept_area(pipe, knobs):
     assert out.masked[0, :, 0].all() and not out.masked[0, :, 1:5].any() and out.masked[0, :, 5:].all()
     centred = outpaint(pipe, "x", image, expand=(96, 80), generator=gen(), num_inference_steps=2)
     assert centred.images[0].size == (96, 80)
-    with pytest.raises(EditError, match="at most 256 pixels a side"):
-        outpaint(pipe, "x", image, right=300)
+    with pytest.warns(LargeSizeWarning, match="at most 256 px a side"):  # the library warns (meissonic.sizes)
+        wide = outpaint(pipe, "x", image, right=300, generator=gen(), num_inference_steps=1)
+    assert wide.images[0].size == (368, 48)  # 64 + 300 rounded up to the patch (16)
+    pipe.size_policy = SizePolicy(allow_large=False)  # as the command line sets it without --allow-large
+    try:
+        with pytest.raises(EditError, match="at most 256 px a side"):
+            outpaint(pipe, "x", image, right=300)
+    finally:
+        pipe.size_policy = SizePolicy()
     with pytest.raises(EditError, match="nothing to extend"):
         outpaint(pipe, "x", image)
     with pytest.raises(EditError, match="smaller than the image"):
@@ -267,7 +275,8 @@ def test_cli_edits_write_pngs_with_their_parameters(capsys, tiny_folder, tmp_pat
         (["inpaint", "x", "--image", "{photo}", "--box", "0,0,100,10"], "box 0,0,100,10 must satisfy"),
         (["inpaint", "x", "--image", "{photo}", "--box", "1,2"], "--box '1,2': give x0,y0,x1,y1"),
         (["inpaint", "x", "--image", "{photo}", "--box", "1,1,5,5", "--grow", "-1"], "--grow -1: must be >= 0"),
-        (["outpaint", "x", "--image", "{photo}", "--left", "400"], "at most 256 pixels a side"),
+        (["outpaint", "x", "--image", "{photo}", "--left", "400"], "at most 256 px a side"),
+        (["img2img", "x", "--image", "{photo}", "--width", "512"], "pass --allow-large to run it anyway"),
         (["outpaint", "x", "--image", "{photo}", "--top", "-3"], "--top -3: must be >= 0"),
         (["outpaint", "x", "--image", "{photo}", "--expand", "big"], "--expand 'big': give WIDTHxHEIGHT"),
         (["outpaint", "x", "--image", "{photo}"], "nothing to extend"),

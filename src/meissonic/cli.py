@@ -21,6 +21,8 @@ from .cli_common import (
     UsageError,
     add_fewer_passes_options,
     add_runtime_options,
+    add_size_rule_options,
+    apply_size_rule,
     check_fewer_passes_args,
     check_runtime_args,
     check_vq_tile,
@@ -32,6 +34,7 @@ from .cli_common import (
     resolve_device,
     resolve_dtype,
     save_new_folder,
+    show_size_warnings,
     torch_dtype,
     version,
 )
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _quiet_libraries()
+        show_size_warnings()
         return args.run(args) or 0
     except (UsageError, ValueError, OSError) as err:
         print(f"meissonic: error: {err}", file=sys.stderr)
@@ -204,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--save-images", type=Path, help="write every judged image here")
     es.add_argument("--json", type=Path, help="write the scores and per-image verdicts here (must not exist)")
     add_runtime_options(es)
+    add_size_rule_options(es)
     es.set_defaults(run=eval_shapes)
 
     ui = verbs.add_parser("ui", help="serve the web app (every task) on a local address")
@@ -418,6 +423,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device, args.model))
         prepare_pipeline(pipe, device, args)
+        apply_size_rule(pipe, args)
         pipe.set_progress_bar_config(disable=True)
         sampling = fewer_passes_kwargs(args)
         make, source = pipeline_images(pipe, args.steps, args.guidance, args.seed, args.size, sampling), args.model

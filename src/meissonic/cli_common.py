@@ -33,6 +33,46 @@ def add_runtime_options(p) -> None:
                    "(less memory for large images)")
 
 
+def add_size_rule_options(p) -> None:
+    """The size rule's escapes (`meissonic.sizes`): every command that makes images."""
+    from .sizes import LARGE_SIDE
+
+    p.add_argument("--allow-large", action="store_true", help=f"run sizes beyond {LARGE_SIDE}x the model's "
+                   "resolution a side (refused without it: they cost the square of the side); prints the token "
+                   "grid and the first step's time")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="run even where the peak memory estimate exceeds the memory available")
+
+
+def apply_size_rule(pipe, args) -> None:
+    """Refuse, on this pipeline, what the size rule refuses on the command line (see `add_size_rule_options`)."""
+    from .sizes import SizePolicy
+
+    pipe.size_policy = SizePolicy(allow_large=args.allow_large, check_memory=not args.skip_memory_check,
+                                  hint="pass --allow-large to run it anyway")
+
+
+def show_size_warnings() -> None:
+    """Print the size rule's warnings (token grid, first step's time, memory) as one `meissonic: ...` line each."""
+    import sys
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from .sizes import LargeSizeWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LargeSizeWarning):  # above the progress bar, which may be drawing
+            tqdm.write(f"meissonic: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", LargeSizeWarning)
+
+
 def add_fewer_passes_options(p) -> None:
     """How each step runs: speed level, mask schedule, guidance interval and ramp, unmasking order, step caching
     (sampling commands, eval)."""

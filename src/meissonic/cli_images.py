@@ -16,6 +16,8 @@ from .cli_common import (
     UsageError,
     add_fewer_passes_options,
     add_runtime_options,
+    add_size_rule_options,
+    apply_size_rule,
     check_fewer_passes_args,
     check_runtime_args,
     fewer_passes_kwargs,
@@ -82,6 +84,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-condition (default 6)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     add_runtime_options(p)
+    add_size_rule_options(p)
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (with --prompts-file)")
     p.add_argument("--release-text-encoder", action="store_true",
                    help="encode every prompt first, then free the text encoder's memory before sampling")
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     prepare_pipeline(pipe, device, args)
+    apply_size_rule(pipe, args)
     pipe.set_progress_bar_config(disable=share.world > 1)  # several ranks' bars would overwrite each other
     steps = pipe.defaults["steps"] if args.steps is None else args.steps
     guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from .pipeline import prompt_list
+from .sizes import SizeError, check_request
 from .vq import decode_tokens, encode_image
 
 ImageInput = str | Path | Image.Image
@@ -128,11 +129,22 @@ def fit_size(pipe, width: int, height: int) -> tuple[int, int]:
     return max(f, round(width / f) * f), max(f, round(height / f) * f)
 
 
-def _size(pipe, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+def _size(pipe, image: Image.Image, width: int | None, height: int | None, images: int, kwargs: dict
+          ) -> tuple[int, int]:
     fitted = fit_size(pipe, image.width, image.height)
     size = (fitted[0] if width is None else width, fitted[1] if height is None else height)
     pipe.check_size(size[1], size[0])
+    _check_request(pipe, size, images, kwargs)
     return size
+
+
+def _check_request(pipe, size: tuple[int, int], images: int, kwargs: dict) -> None:
+    """The size rule (`meissonic.sizes`) before the image is tokenized; the pipeline call warns later."""
+    cached = kwargs.get("step_cache") is not None or kwargs.get("speed") in ("fast", "fastest")
+    try:
+        check_request(pipe, *size, images, cached=cached, warn=False)
+    except SizeError as err:
+        raise EditError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------- token grids
@@ -217,7 +229,7 @@ def _sample(pipe, prompts, grid, generators, steps, kwargs) -> tuple[list[Image.
     """Run the pipeline from `grid` (B, h, w); returns the decoded images and the final tokens."""
     tokens = pipe(prompt=prompts, latents=grid, num_images_per_prompt=grid.shape[0] // len(prompts),
                   num_inference_steps=steps, generator=generators, output_type="latent", **kwargs).images
-    images = pipe.image_processor.postprocess(decode_tokens(pipe.vqvae, tokens), output_type="pil")
+    images = pipe.image_processor.postprocess(decode_tokens(pipe.vqvae, tokens, tile=pipe.vq_tile), output_type="pil")
     return images, tokens
 
 
@@ -234,8 +246,8 @@ def img2img(pipe, prompt: str | list[str], image: ImageInput, strength: float = 
         raise EditError(f"strength={strength!r} must be a number in [0, 1]")
     prompts = prompt_list(prompt, EditError)
     source = to_rgb(open_image(image))
-    size = _size(pipe, source, width, height)
     batch = len(prompts) * num_images_per_prompt
+    size = _size(pipe, source, width, height, batch, kwargs)
     generators = _generators(generator, batch)
     tokens = image_tokens(pipe, source.resize(size, Image.LANCZOS)).expand(batch, -1, -1)
     grid = remask_random(tokens, strength, pipe.scheduler.config.mask_token_id, generators)
@@ -259,13 +271,14 @@ def inpaint(pipe, prompt: str | list[str], image: ImageInput, mask_image: ImageI
         raise EditError(f"grow={grow!r} must be a whole number of tokens >= 0")
     source = to_rgb(open_image(image))
     mask = read_mask(mask_image, source.size)
-    size = _size(pipe, source, width, height)
+    prompts = prompt_list(prompt, EditError)
+    size = _size(pipe, source, width, height, len(prompts) * num_images_per_prompt, kwargs)
     original = (source, mask)
     if size != source.size:  # the model works at `size`; the composited result comes back at the input's size
         source = source.resize(size, Image.LANCZOS)
         mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-    return _repaint(pipe, prompt_list(prompt, EditError), source, mask, grow, keep_unmasked, feather,
-                    num_inference_steps, num_images_per_prompt, generator, kwargs, original)
+    return _repaint(pipe, prompts, source, mask, grow, keep_unmasked, feather, num_inference_steps,
+                    num_images_per_prompt, generator, kwargs, original)
 
 
 def outpaint(pipe, prompt: str | list[str], image: ImageInput, left: int = 0, right: int = 0, top: int = 0,
@@ -293,14 +306,13 @@ def outpaint(pipe, prompt: str | list[str], image: ImageInput, left: int = 0, ri
     left, top = -(-left // f) * f, -(-top // f) * f
     width = -(-(left + source.width + right) // f) * f
     height = -(-(top + source.height + bottom) // f) * f
-    if max(width, height) > pipe.max_side:
-        raise EditError(f"the canvas would be {width}x{height}; this model makes at most {pipe.max_side} pixels a "
-                        f"side: extend less, or shrink the image first")
+    prompts = prompt_list(prompt, EditError)
+    _check_request(pipe, (width, height), len(prompts) * num_images_per_prompt, kwargs)
     canvas = Image.new("RGB", (width, height), (127, 127, 127))
     canvas.paste(source, (left, top))
     mask = np.ones((height, width), dtype=bool)
     mask[top:top + source.height, left:left + source.width] = False
-    return _repaint(pipe, prompt_list(prompt, EditError), canvas, mask, 0, keep_unmasked, feather,
+    return _repaint(pipe, prompts, canvas, mask, 0, keep_unmasked, feather,
                     num_inference_steps, num_images_per_prompt, generator, kwargs)
 
 

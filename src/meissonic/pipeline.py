@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from .orders import ORDERS
 from .runtime import is_compiled
 from .sampler import MASK_SCHEDULES, decode, guided_logits
 from .speeds import sampling_settings
+from .sizes import LargeSizeWarning, SizePolicy, check_request, first_step_message, size_limit
 from .step_cache import CachePlan, StepCache
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
@@ -90,6 +93,7 @@ class MeissonicPipeline(DiffusionPipeline):
         self.defaults = _sampling_defaults(transformer, defaults)
         self.last_work: dict = {}  # the last call's transformer work (see `__call__`)
         self.vq_tile: int | None = None  # decode images in tiles of this many tokens a side (None: whole)
+        self.size_policy = SizePolicy()  # large sizes and memory-hungry requests: warned about (`meissonic.sizes`)
         self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see `encode_prompts_once`
         self.vae_scale_factor = downscale_factor(vqvae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False)
@@ -274,9 +278,9 @@ class MeissonicPipeline(DiffusionPipeline):
 
     @property
     def max_side(self) -> int:
-        """The longest side edits make and the UI offers: twice the resolution the model was trained for (larger
-        sizes work, as far as memory goes, but a model draws poorly far from its training size)."""
-        return 2 * self.defaults["resolution"]
+        """The longest side made without being asked twice (`meissonic.sizes`): twice the resolution the model was
+        trained for. Larger sizes work, as far as memory goes, but cost the square of the side and draw poorly."""
+        return size_limit(self)
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless (height, width) is an image size this model can make."""
@@ -363,6 +367,8 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents is not None:
             height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
         self.check_size(height, width)
+        large = check_request(self, width, height, _images(prompt, prompt_embeds, latents, num_images_per_prompt),
+                              guided=guidance_scale > 1, cached=step_cache is not None).large
         device = self._execution_device
         pooled, hidden = self._conditioning(
             prompt, negative_prompt, prompt_embeds, encoder_hidden_states,
@@ -450,8 +456,13 @@ class MeissonicPipeline(DiffusionPipeline):
 
         progress = self.progress_bar(total=num_inference_steps)
 
+        started = time.perf_counter()
+
         def on_step(step: int, sample: torch.Tensor) -> torch.Tensor | None:
             progress.update()
+            if large and step == 0:  # a large size: say what a step costs, so that the user can stop early
+                warnings.warn(first_step_message(time.perf_counter() - started, num_inference_steps),
+                              LargeSizeWarning, stacklevel=2)
             timestep = num_inference_steps - 1 - step
             if callback is not None and step % callback_steps == 0:
                 callback(step, timestep, sample)
@@ -543,6 +554,15 @@ def guidance_steps(steps: int, interval: tuple[float, float] | None) -> list[boo
     if not 0 <= start < end <= 1:
         raise ValueError(f"guidance_interval={interval!r}: needs 0 <= start < end <= 1 (shares of the steps)")
     return [start <= step / steps < end for step in range(steps)]
+
+
+def _images(prompt, prompt_embeds, latents, per_prompt: int) -> int:
+    """Images a call makes, known before any work."""
+    if prompt_embeds is not None:
+        images = prompt_embeds.shape[0] * per_prompt
+    else:
+        images = (1 if isinstance(prompt, str) or prompt is None else len(prompt)) * per_prompt
+    return max(images, 0 if latents is None else latents.shape[0])
 
 
 def prompt_list(prompt: str | list[str], error: type[ValueError] = ValueError) -> list[str]:

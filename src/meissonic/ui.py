@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .sizes import SizeError, SizePolicy  # noqa: E402
 from .speeds import SPEEDS  # noqa: E402
 from .vq import decode_tokens  # noqa: E402
 
@@ -99,6 +100,8 @@ class Studio:
     def __init__(self, pipe, model_name: str):
         self.pipe = pipe
         self.model_name = model_name
+        # the size rule as the command line applies it (the sliders stop at the size limit; outpaint margins do not)
+        pipe.size_policy = SizePolicy(allow_large=False, check_memory=True)
         self.lock = threading.Lock()  # one generation at a time on this model, whatever the queue allows
         # every request's work runs on this one long-lived thread: a thread per request would spread the model's
         # working memory over the allocator's per-thread arenas, and the server's memory would creep up with load
@@ -144,7 +147,7 @@ class Studio:
                     left, right, top, bottom = (int(m) for m in margins)
                     images = outpaint(self.pipe, prompt, image, left=left, right=right, top=top, bottom=bottom,
                                       **options).images
-        except EditError as err:
+        except (EditError, SizeError) as err:
             raise UserError(str(err)) from None
         return images, seed
 
