@@ -165,7 +165,7 @@ def check_request(pipe, width: int, height: int, images: int = 1, guided: bool =
         if not policy.allow_large:
             raise SizeError(large_size_message(req) + (f"; {policy.hint}" if policy.hint else ""))
         if warn:
-            warnings.warn(f"{large_size_message(req)}; the first step's time follows", LargeSizeWarning, stacklevel=3)
+            warnings.warn(f"{large_size_message(req)}; the first step's time follows", LargeSizeWarning, stacklevel=4)
     if policy.check_memory or warn:
         available = available_memory(pipe._execution_device)
         tile = getattr(pipe, "vq_tile", None)
@@ -174,7 +174,7 @@ def check_request(pipe, width: int, height: int, images: int = 1, guided: bool =
             message = memory_message(req, estimate, available, tile is not None)
             if policy.check_memory:
                 raise SizeError(message)
-            warnings.warn(message, LargeSizeWarning, stacklevel=3)
+            warnings.warn(message, LargeSizeWarning, stacklevel=4)
     return req
 
 
