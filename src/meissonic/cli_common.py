@@ -221,12 +221,14 @@ def save_new_folder(pipe, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def load_pipeline(model: str, dtype, allow_pickle: bool = False):
+def load_pipeline(model: str, dtype, allow_pickle: bool = False, transformer: Path | None = None):
+    """The pipeline folder `model`, its transformer replaced by the folder `transformer` when given."""
     from .loading import ModelFolderError
     from .pipeline import MeissonicPipeline
 
+    parts = {} if transformer is None else {"transformer": transformer}
     try:
-        return MeissonicPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=allow_pickle)
+        return MeissonicPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=allow_pickle, **parts)
     except ModelFolderError:
         raise
     except Exception as err:  # a library's error while reading a malformed folder: one line, no traceback

@@ -34,6 +34,7 @@ def add_image_commands(verbs) -> None:
     gen = verbs.add_parser("generate", help="make images from a prompt")
     _sampling_options(gen)
     _size_options(gen)
+    _one_step_options(gen)
     gen.set_defaults(run=generate)
 
     i2i = verbs.add_parser("img2img", help="redraw an image under a prompt (a share of its tokens regenerated)")
@@ -97,6 +98,53 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 def _size_options(p: argparse.ArgumentParser, default: str = "the model's") -> None:
     p.add_argument("--width", type=int, help=f"image width in pixels, a multiple of 16 (default: {default})")
     p.add_argument("--height", type=int, help=f"image height in pixels, a multiple of 16 (default: {default})")
+
+
+def _one_step_options(p: argparse.ArgumentParser) -> None:
+    """Sampling a Di[M]O one-step student (`meissonic.one_step`); defaults are the published script's."""
+    from .one_step import OneStep
+
+    d = OneStep()
+    p.add_argument("--transformer", type=Path, help="a transformer folder in the released layout (e.g. a one-step "
+                   "student) used instead of --model's; tokenizer, text encoder and VQ still come from --model")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--one-step", action="store_true", help="sample as a one-step student: random ids with a "
+                      "share masked, embedding noise, one pass without guidance (a student folder written by this "
+                      "project needs no flag)")
+    mode.add_argument("--multi-step", action="store_true", help="sample a student folder with the multi-step sampler")
+    p.add_argument("--mask-ratio", type=float, help=f"one step: share of the random ids masked (default {d.mask_ratio})")
+    p.add_argument("--embedding-noise", type=float,
+                   help=f"one step: p in p * noise + sqrt(1 - p^2) * embeddings (default {d.embedding_noise})")
+    p.add_argument("--sample-temperature", type=float, help=f"one step: temperature of the draw (default "
+                   f"{d.temperature:g})")
+    p.add_argument("--top-k", type=int, help="one step: draw among the k most likely codes (default: all)")
+    p.add_argument("--top-p", type=float, help="one step: draw within this probability mass (default: all)")
+
+
+ONE_STEP_OPTIONS = ("num_images_per_prompt", "micro_conditioning_aesthetic_score")  # the rest do not apply
+ONE_STEP_KNOBS = {"mask_ratio": "--mask-ratio", "embedding_noise": "--embedding-noise",
+                  "temperature": "--sample-temperature", "top_k": "--top-k", "top_p": "--top-p"}
+
+
+def one_step_setting(args: argparse.Namespace, pipe):
+    """The pipeline's `one_step=` for these options and this model: a `OneStep`, or False for multi-step."""
+    from dataclasses import replace
+
+    from .one_step import OneStep
+
+    given = {field: getattr(args, "sample_temperature" if field == "temperature" else field, None)
+             for field in ONE_STEP_KNOBS}
+    given = {k: v for k, v in given.items() if v is not None}
+    base = pipe.one_step_mode
+    if getattr(args, "multi_step", False) or (base is None and not getattr(args, "one_step", False)):
+        if given:
+            flags = ", ".join(ONE_STEP_KNOBS[k] for k in given)
+            raise UsageError(f"{flags}: one-step options; add --one-step (or use a student folder)")
+        return False
+    try:
+        return replace(base or OneStep(), **given)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _image_option(p: argparse.ArgumentParser) -> None:
@@ -168,7 +216,10 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
     share = process_share()
     device = rank_device(resolve_device(args.device), share)
     dtype = resolve_dtype(args.dtype, device, args.model)
-    pipe = load_pipeline(args.model, dtype, args.allow_pickle)
+    pipe = load_pipeline(args.model, dtype, args.allow_pickle, getattr(args, "transformer", None))
+    if edit_params["task"] != "text-to-image" and pipe.one_step_mode is not None:
+        raise UsageError(f"model {args.model!r} is a one-step student: it only makes images from text (generate); "
+                         f"edit with its teacher or another multi-step model")
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     prepare_pipeline(pipe, device, args)
@@ -186,6 +237,19 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
         "micro_conditioning_aesthetic_score": args.aesthetic_score,
         **fewer_passes_kwargs(args),
     }
+    one_step = one_step_setting(args, pipe) if hasattr(args, "multi_step") else False  # generate only
+    if one_step:  # one pass without guidance: the multi-step options do not apply
+        unused = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance),
+                                           ("--speed", args.speed), ("--step-cache", args.step_cache),
+                                           ("--guidance-interval", args.guidance_interval),
+                                           ("--guidance-ramp", args.guidance_ramp or None)) if value is not None]
+        if unused:
+            raise UsageError(f"{', '.join(unused)}: one-step sampling runs one pass without guidance; drop "
+                             f"{'it' if len(unused) == 1 else 'them'} (or sample with --multi-step)")
+        options = {k: v for k, v in options.items() if k in ONE_STEP_OPTIONS} | {"one_step": one_step}
+        steps, guidance = 1, None
+    elif hasattr(args, "multi_step"):
+        options["one_step"] = False
     jobs = share.take(list(enumerate(prompts)))  # (number in the whole list, prompt): seeds follow the number
     if args.release_text_encoder:
         pipe.encode_prompts_once([p for _, p in jobs] + [args.negative_prompt], release=True)
@@ -208,12 +272,13 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
                 "width": image.width,
                 "height": image.height,
                 "temperature": list(args.temperature),
-                "speed": args.speed or "exact",
-                "schedule": options["masking_schedule"] or pipe.scheduler.config.masking_schedule,
-                "guidance_interval": options["guidance_interval"] and list(options["guidance_interval"]),
-                "guidance_ramp": options["guidance_ramp"],
-                "order": options["order"],
-                "step_cache": None if options["step_cache"] is None else asdict(options["step_cache"]),
+                "speed": None if one_step else args.speed or "exact",
+                "schedule": options.get("masking_schedule") or pipe.scheduler.config.masking_schedule,
+                "guidance_interval": options.get("guidance_interval") and list(options["guidance_interval"]),
+                "guidance_ramp": options.get("guidance_ramp", False),
+                "order": options.get("order", "confidence"),
+                "step_cache": None if options.get("step_cache") is None else asdict(options["step_cache"]),
+                "one_step": asdict(one_step) if one_step else None,
                 "aesthetic_score": args.aesthetic_score,
                 "model": str(args.model),
                 "lora": None if args.lora is None else str(args.lora),

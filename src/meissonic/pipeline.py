@@ -30,6 +30,7 @@ from .loading import (
     resolve_model_folder,
     weights_are_pickle,
 )
+from .one_step import OneStep, draw_tokens, embedding_noise, initial_tokens
 from .orders import ORDERS
 from .runtime import is_compiled
 from .sampler import MASK_SCHEDULES, decode, guided_logits
@@ -118,9 +119,14 @@ class MeissonicPipeline(DiffusionPipeline):
         `torch_dtype` is the precision of every loaded part (float32 when not given, whatever the files hold).
         `variant="fp16"` picks the released half-precision files; `cache_dir`, `token`, `local_files_only` and
         `force_download` go to the hub download. A component passed by name replaces the folder's,
-        e.g. `text_encoder=CLIPTextModelWithProjection.from_pretrained(...)` for the encoder the reference scripts use.
+        e.g. `text_encoder=CLIPTextModelWithProjection.from_pretrained(...)` for the encoder the reference scripts use;
+        `transformer` may also be the path of a transformer folder in the released layout (a Di[M]O student, whose
+        tokenizer, text encoder and VQ come from its teacher's folder), checked and loaded as the folder's own.
         """
         hub = {k: components.pop(k) for k in HUB_OPTIONS if k in components}
+        if isinstance(components.get("transformer"), (str, os.PathLike)):  # a transformer folder (e.g. a student)
+            components["transformer"] = _load_transformer_folder(Path(components["transformer"]), torch_dtype,
+                                                                 allow_pickle, variant)
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown argument(s) {sorted(unknown)}; components are {', '.join(COMPONENTS)}, "
@@ -321,6 +327,7 @@ class MeissonicPipeline(DiffusionPipeline):
         order: str = "confidence",
         step_cache: CachePlan | None = None,
         speed: str | None = None,
+        one_step: OneStep | bool | None = None,
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
@@ -341,6 +348,11 @@ class MeissonicPipeline(DiffusionPipeline):
         `self.last_work` holds the transformer work of the call per image in full-pass equivalents (`passes`: a guided
         full step 2, an unguided one 1, a partial pass its share of the sequence a full pass runs, text included) and,
         with a step cache, the full and partial pass counts and the caches' peak bytes.
+
+        One step (`meissonic.one_step`): `one_step=True` (or a `OneStep` with its settings) samples a Di[M]O student
+        as its authors do: random ids with a fixed share masked, embedding noise, one pass without guidance, one
+        draw per position; steps, guidance and the fewer-passes knobs do not apply. A folder that records a one-step
+        mode (a student this project wrote) samples that way unless `one_step=False`.
         """
         height = self.defaults["resolution"] if height is None else height
         width = self.defaults["resolution"] if width is None else width
@@ -354,6 +366,21 @@ class MeissonicPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        plan = self._one_step_plan(one_step)
+        if plan is not None:
+            if latents is not None:
+                raise ValueError("one-step sampling starts from random ids: edits use the multi-step sampler "
+                                 "(one_step=False)")
+            if speed is not None or step_cache is not None or guidance_interval is not None or guidance_ramp:
+                raise ValueError("one-step sampling runs one pass without guidance: speed, step_cache, "
+                                 "guidance_interval and guidance_ramp do not apply")
+            self.check_size(height, width)
+            check_request(self, width, height, _images(prompt, prompt_embeds, None, num_images_per_prompt),
+                          guided=False)
+            tokens = self._one_step(plan, prompt, prompt_embeds, encoder_hidden_states, num_images_per_prompt,
+                                    (height, width), generator, micro_conditioning_crop_coord,
+                                    micro_conditioning_aesthetic_score, callback_on_step_end)
+            return self._output(tokens, output_type, return_dict)
         settings = sampling_settings(speed, guidance_interval=guidance_interval, guidance_ramp=guidance_ramp,
                                      order=order, step_cache=step_cache, masking_schedule=masking_schedule)
         guidance_interval, guidance_ramp, order = (settings[k] for k in ("guidance_interval", "guidance_ramp", "order"))
@@ -490,6 +517,9 @@ class MeissonicPipeline(DiffusionPipeline):
         self.last_work = dict(work)
         if cached is not None:
             self.last_work.update(full=cached.full_passes, partial=cached.partial_passes, cache_bytes=cached.nbytes())
+        return self._output(tokens, output_type, return_dict)
+
+    def _output(self, tokens: torch.Tensor, output_type: str, return_dict: bool):
         if output_type == "latent":
             output = tokens
         else:
@@ -497,6 +527,59 @@ class MeissonicPipeline(DiffusionPipeline):
             output = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(output) if return_dict else (output,)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    @property
+    def one_step_mode(self) -> OneStep | None:
+        """The one-step settings this folder records (a student), else None."""
+        saved = self.defaults.get("one_step")
+        return None if saved is None else OneStep.from_dict(saved)
+
+    def set_one_step_mode(self, plan: OneStep | None) -> None:
+        """Record (or, with None, forget) a one-step mode; `save_pretrained` writes it with the folder."""
+        self.defaults = {k: v for k, v in self.defaults.items() if k != "one_step"}
+        if plan is not None:
+            self.defaults["one_step"] = plan.to_dict()
+
+    def _one_step_plan(self, one_step) -> OneStep | None:
+        if one_step is None:
+            return self.one_step_mode
+        if isinstance(one_step, OneStep):
+            return one_step
+        if isinstance(one_step, bool):
+            return (self.one_step_mode or OneStep()) if one_step else None
+        raise ValueError(f"one_step={one_step!r} must be True, False, None or a meissonic.one_step.OneStep")
+
+    def _one_step(self, plan: OneStep, prompt, prompt_embeds, encoder_hidden_states, num_images: int,
+                  size: tuple[int, int], generator, crop, score, callback_on_step_end) -> torch.Tensor:
+        """One pass of a student, sampled as `meissonic.one_step` describes; returns the tokens (B, h, w)."""
+        device = self._execution_device
+        pooled, hidden = self._conditioning(prompt, None, prompt_embeds, encoder_hidden_states, None, None,
+                                            num_images, 1.0, device)  # no guidance: the conditional branch alone
+        batch = pooled.shape[0]
+        generators = _per_image(generator, batch, device)
+        grid = (size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor)
+        config = self.transformer.config
+        ids = initial_tokens(generators, grid, config.codebook_size, self.scheduler.config.mask_token_id,
+                             plan.mask_ratio).to(device)
+        noise = None
+        if plan.embedding_noise > 0:  # the published script skips the mix at p = 0
+            dim = config.num_attention_heads * config.attention_head_dim
+            noise = (plan.embedding_noise, embedding_noise(generators, (dim, *grid)).to(device))
+        micro = torch.tensor([size[1], size[0], crop[0], crop[1], score], device=device, dtype=torch.float32)
+        progress = self.progress_bar(total=1)
+        with progress:
+            logits = self.transformer(hidden_states=ids, encoder_hidden_states=hidden, pooled_projections=pooled,
+                                      micro_conds=micro[None].expand(batch, -1),
+                                      timestep=torch.tensor([plan.condition], device=device), embedding_noise=noise)
+            tokens = draw_tokens(logits, plan, generators)  # every position's draw, masked and known alike
+            progress.update()
+        if callback_on_step_end is not None:
+            out = callback_on_step_end(self, 0, 0, {"latents": tokens})
+            tokens = (out or {}).get("latents", tokens)
+        self.last_work = {"passes": 1.0}
+        return tokens
 
     def _conditioning(
         self, prompt, negative_prompt, prompt_embeds, encoder_hidden_states,
@@ -556,6 +639,18 @@ def guidance_steps(steps: int, interval: tuple[float, float] | None) -> list[boo
     return [start <= step / steps < end for step in range(steps)]
 
 
+def _per_image(generator, batch: int, device) -> list[torch.Generator]:
+    """One generator per image: the list given, the one given for every image in turn, or a fresh random one."""
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
+    if isinstance(generator, torch.Generator):
+        return [generator] * batch
+    generator = list(generator)
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image, or a single one")
+    return generator
+
+
 def _images(prompt, prompt_embeds, latents, per_prompt: int) -> int:
     """Images a call makes, known before any work."""
     if prompt_embeds is not None:
@@ -573,32 +668,50 @@ def prompt_list(prompt: str | list[str], error: type[ValueError] = ValueError) -
     return prompts
 
 
-def _check_before_loading(folder: Path, weights: dict, variant: str | None) -> None:
-    """Refuse unknown transformer/vqvae config fields and configs that contradict their weights, before allocating."""
+def _check_before_loading(folder: Path, weights: dict, variant: str | None, paths: dict | None = None) -> None:
+    """Refuse unknown transformer/vqvae config fields and configs that contradict their weights, before allocating.
+    A component's folder is `folder / name` unless `paths` names another."""
     import inspect
 
     from transformers import CLIPTextConfig
 
+    where = {name: (paths or {}).get(name, folder / name) for name in weights}
     builders = {
         "transformer": lambda: MeissonicTransformer.from_config(config),
-        "vqvae": lambda: VQModel.from_config(VQModel.load_config(str(folder / "vqvae"))),
-        "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        "vqvae": lambda: VQModel.from_config(VQModel.load_config(str(where["vqvae"]))),
+        "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(where["text_encoder"])),
     }
     if "transformer" in weights:
         accepted = set(inspect.signature(MeissonicTransformer.__init__).parameters) - {"self"}
-        config = check_config_fields(folder / "transformer", accepted)
+        config = check_config_fields(where["transformer"], accepted)
     if "vqvae" in weights:  # the text encoder's config is transformers' own, with many optional fields: not checked
-        check_config_fields(folder / "vqvae", set(inspect.signature(VQModel.__init__).parameters) - {"self"})
+        check_config_fields(where["vqvae"], set(inspect.signature(VQModel.__init__).parameters) - {"self"})
     for name, options in weights.items():
         if options["use_safetensors"]:
-            check_config_matches_weights(folder / name, builders[name], variant)
+            check_config_matches_weights(where[name], builders[name], variant)
+
+
+def _load_transformer_folder(path: Path, torch_dtype, allow_pickle: bool, variant: str | None):
+    """A transformer folder in the released layout (config.json + weights), checked as a pipeline folder's is."""
+    from .quantize import is_quantized_folder, load_quantized, saved_dtype
+
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"transformer {str(path)!r} is not a transformer folder: it has no config.json")
+    if is_quantized_folder(path):
+        return load_quantized(path, dtype=torch_dtype or saved_dtype(path))
+    options = {"use_safetensors": not weights_are_pickle(path, allow_pickle), "variant": variant}
+    _check_before_loading(path.parent, {"transformer": options}, variant, {"transformer": path})
+    return MeissonicTransformer.from_pretrained(path, **options, torch_dtype=torch_dtype or torch.float32)
 
 
 def _sampling_defaults(transformer: MeissonicTransformer, saved: dict | None) -> dict:
     """Resolution, steps and guidance a model is meant for: as saved by us, else the released scripts' choice."""
     guidance = float((saved or {}).get("guidance", 9.0))  # the reference scripts' guidance scale
     if saved:
-        return {"resolution": int(saved["resolution"]), "steps": int(saved["steps"]), "guidance": guidance}
+        defaults = {"resolution": int(saved["resolution"]), "steps": int(saved["steps"]), "guidance": guidance}
+        if saved.get("one_step") is not None:  # a one-step student (`meissonic.one_step`)
+            defaults["one_step"] = OneStep.from_dict(saved["one_step"]).to_dict()
+        return defaults
     if transformer.config.downsample:  # Meissonic: 1024 px, 64 steps (inference.py)
         return {"resolution": 1024, "steps": 64, "guidance": guidance}
     return {"resolution": 512, "steps": 48, "guidance": guidance}  # Monetico: 512 px, 48 steps

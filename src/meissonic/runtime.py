@@ -176,10 +176,10 @@ def compile_transformer(transformer, backend: str | Callable = "inductor", devic
     compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend, **mode)
 
     @functools.wraps(eager)
-    def predict(hidden_states, timestep, conditions, logits_for=None, kv=None, rows=None):
-        if logits_for is not None or kv is not None or rows is not None:  # masked-only head, step caching: eager
-            return eager(hidden_states, timestep, conditions, logits_for, kv, rows)
-        return compiled(hidden_states, timestep, conditions)
+    def predict(hidden_states, timestep, conditions, logits_for=None, kv=None, rows=None, embedding_noise=None):
+        if logits_for is not None or kv is not None or rows is not None or embedding_noise is not None:
+            return eager(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise)  # not the
+        return compiled(hidden_states, timestep, conditions)  # sampler's fixed-shape step: eager
 
     transformer.predict = predict
     transformer._meissonic_compiled = True

@@ -10,6 +10,7 @@ reference `Transformer2DModel`, each on purpose:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +178,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return Conditions(context=context, pooled=pooled, rope=rope)
 
     def predict(self, hidden_states: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
-                logits_for: torch.Tensor | None = None, kv=None, rows: torch.Tensor | None = None):
+                logits_for: torch.Tensor | None = None, kv=None, rows: torch.Tensor | None = None,
+                embedding_noise: tuple[float, torch.Tensor] | None = None):
         """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w).
 
         `logits_for` (B, h, w) bool: the output head runs only at these positions (the sampler only reads the logits
@@ -189,9 +191,17 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         feature compression), only those positions go through the blocks (not the text), every layer reading the
         others' keys and values (the text's included) from `kv`; returns `(positions, logits)`: flat indices into
         the (B, h, w) token grid of the tokens those rows cover (and that `logits_for` asks for), and their logits (K, codebook_size).
+
+        `embedding_noise=(p, noise)`, noise (B, D, h, w): the token embeddings become `p * noise + sqrt(1 - p^2) *
+        embeddings` right after the embedding layer, before the 2x compression (how Di[M]O's one-step students are
+        sampled and trained; `meissonic.one_step`).
         """
         height, width = hidden_states.shape[-2:]
-        x = self.down_block(self.embed(hidden_states))  # (B, D, h', w')
+        x = self.embed(hidden_states)  # (B, D, h, w)
+        if embedding_noise is not None:
+            p, noise = embedding_noise
+            x = p * noise.to(x.dtype) + math.sqrt(1 - p**2) * x
+        x = self.down_block(x)  # (B, D, h', w')
         batch, dim, block_rows, block_cols = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         context, rope = conditions.context, conditions.rope
@@ -263,6 +273,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         logits_for: torch.Tensor | None = None,
         kv=None,
         rows: torch.Tensor | None = None,
+        embedding_noise: tuple[float, torch.Tensor] | None = None,
         **unused,
     ):
         """Reference-compatible call; returns the logits tensor (or `(logits,)` when `return_dict=False`).
@@ -280,7 +291,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             if cache is not None:
                 cache.conditions = conditions
-        logits = self.predict(hidden_states, timestep, conditions, logits_for, kv, rows)
+        logits = self.predict(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise)
         return logits if return_dict else (logits,)
 
 
