@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from .pipeline import prompt_list
+from .pipeline import per_image_generators, prompt_list
 from .sizes import SizeError, check_request
+from .speeds import LEVELS
 from .vq import decode_tokens, encode_image
 
 ImageInput = str | Path | Image.Image
@@ -140,7 +141,7 @@ def _size(pipe, image: Image.Image, width: int | None, height: int | None, image
 
 def _check_request(pipe, size: tuple[int, int], images: int, kwargs: dict) -> None:
     """The size rule (`meissonic.sizes`) before the image is tokenized; the pipeline call warns later."""
-    cached = kwargs.get("step_cache") is not None or kwargs.get("speed") in ("fast", "fastest")
+    cached = kwargs.get("step_cache") is not None or LEVELS.get(kwargs.get("speed"), {}).get("step_cache") is not None
     try:
         check_request(pipe, *size, images, cached=cached, warn=False)
     except SizeError as err:
@@ -214,17 +215,6 @@ class EditOutput:
     masked: torch.Tensor
 
 
-def _generators(generator, count: int) -> list[torch.Generator]:
-    if generator is None:
-        return [torch.Generator().manual_seed(int(torch.randint(2**62, ())))] * count
-    if isinstance(generator, torch.Generator):
-        return [generator] * count
-    generator = list(generator)
-    if len(generator) != count:
-        raise EditError(f"got {len(generator)} generators for {count} images: pass one per image, or a single one")
-    return generator
-
-
 def _sample(pipe, prompts, grid, generators, steps, kwargs) -> tuple[list[Image.Image], torch.Tensor]:
     """Run the pipeline from `grid` (B, h, w); returns the decoded images and the final tokens."""
     tokens = pipe(prompt=prompts, latents=grid, num_images_per_prompt=grid.shape[0] // len(prompts),
@@ -248,7 +238,7 @@ def img2img(pipe, prompt: str | list[str], image: ImageInput, strength: float = 
     source = to_rgb(open_image(image))
     batch = len(prompts) * num_images_per_prompt
     size = _size(pipe, source, width, height, batch, kwargs)
-    generators = _generators(generator, batch)
+    generators = per_image_generators(generator, batch, error=EditError)
     tokens = image_tokens(pipe, source.resize(size, Image.LANCZOS)).expand(batch, -1, -1)
     grid = remask_random(tokens, strength, pipe.scheduler.config.mask_token_id, generators)
     masked = grid == pipe.scheduler.config.mask_token_id
@@ -322,7 +312,7 @@ def _repaint(pipe, prompts, source, mask, grow, keep_unmasked, feather, steps, n
     `original` = (image, mask) at the user's size when the model worked at another)."""
     f = pipe.vae_scale_factor
     batch = len(prompts) * num_images
-    generators = _generators(generator, batch)
+    generators = per_image_generators(generator, batch, error=EditError)
     masked = token_mask(mask, f, grow).to(pipe._execution_device)  # (h, w)
     tokens = image_tokens(pipe, source)  # (1, h, w)
     grid = torch.where(masked, pipe.scheduler.config.mask_token_id, tokens).expand(batch, -1, -1)

@@ -558,7 +558,7 @@ class MeissonicPipeline(DiffusionPipeline):
         pooled, hidden = self._conditioning(prompt, None, prompt_embeds, encoder_hidden_states, None, None,
                                             num_images, 1.0, device)  # no guidance: the conditional branch alone
         batch = pooled.shape[0]
-        generators = _per_image(generator, batch, device)
+        generators = per_image_generators(generator, batch, device)
         grid = (size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor)
         config = self.transformer.config
         ids = initial_tokens(generators, grid, config.codebook_size, self.scheduler.config.mask_token_id,
@@ -639,15 +639,17 @@ def guidance_steps(steps: int, interval: tuple[float, float] | None) -> list[boo
     return [start <= step / steps < end for step in range(steps)]
 
 
-def _per_image(generator, batch: int, device) -> list[torch.Generator]:
-    """One generator per image: the list given, the one given for every image in turn, or a fresh random one."""
+def per_image_generators(generator, count: int, device="cpu", error: type[ValueError] = ValueError
+                         ) -> list[torch.Generator]:
+    """One generator per image: the list given, the one given for every image in turn, or a fresh random one (on
+    `device`); a list of another length raises `error`."""
     if generator is None:
         generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
     if isinstance(generator, torch.Generator):
-        return [generator] * batch
+        return [generator] * count
     generator = list(generator)
-    if len(generator) != batch:
-        raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image, or a single one")
+    if len(generator) != count:
+        raise error(f"got {len(generator)} generators for {count} images: pass one per image, or a single one")
     return generator
 
 

@@ -177,9 +177,10 @@ def compile_transformer(transformer, backend: str | Callable = "inductor", devic
 
     @functools.wraps(eager)
     def predict(hidden_states, timestep, conditions, logits_for=None, kv=None, rows=None, embedding_noise=None):
+        # masked-only head, step caching, a student's embedding noise: not the fixed-shape step, so eager
         if logits_for is not None or kv is not None or rows is not None or embedding_noise is not None:
-            return eager(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise)  # not the
-        return compiled(hidden_states, timestep, conditions)  # sampler's fixed-shape step: eager
+            return eager(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise)
+        return compiled(hidden_states, timestep, conditions)
 
     transformer.predict = predict
     transformer._meissonic_compiled = True
