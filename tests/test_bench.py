@@ -116,7 +116,7 @@ def test_speed_rows_compare_with_the_exact_row_of_their_precision():
     from meissonic.bench import _against_exact, speed_table
 
     def row(speed, dtype, passes, times):
-        runs = [{"sample_s": t} for t in times]
+        runs = [{"sample_s": t, "total_s": t + 1} for t in times]
         return {"speed": speed, "dtype": dtype, "quantize": "none", "passes": passes, "sample_s": times[0],
                 "total_s": times[0] + 1, "cache_mb": 0 if speed == "exact" else 12.0, "peak_rss_gb": 1.0,
                 "tokens_as_exact": None, "runs": runs}
@@ -126,6 +126,7 @@ def test_speed_rows_compare_with_the_exact_row_of_their_precision():
     _against_exact(rows)
     assert rows[1]["compute_vs_exact"] == pytest.approx(0.4) and rows[1]["time_vs_exact"] == [0.5, 0.4]
     assert rows[3]["time_vs_exact"] == [0.5, 0.75]  # against bf16's exact, not the first row
+    assert rows[3]["total_vs_exact"] == [3 / 5, 4 / 5]  # text and decode included
     table = speed_table(rows)
     assert "| fast | bf16 | none | 25.6 | 40% | 2.00 | 62% (50-75%) |" in table
     assert "| exact | fp32 | none | 64.0 | 100% | 10.00 | 100% (100-100%) |" in table

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .one_step import ONE_STEP  # noqa: E402 - the `speed` of a row that samples a one-step student
 PROMPT = "a photo of a red fox sitting in a snowy forest, golden hour"
 
 
@@ -45,7 +46,7 @@ class BenchSpec:
     offload: str = "none"
     compile: bool = False
     device: str = "cpu"
-    speed: str = "exact"  # the sampler's speed level (`meissonic.speeds`)
+    speed: str = "exact"  # the sampler's speed level (`meissonic.speeds`), or ONE_STEP: a student in one pass
     tokens_out: str | None = None  # where the row writes its generated tokens (agreement between speed levels)
     reference: str | None = None  # file of the fp32 top-1 tokens on the fixed inputs (agreement is measured against)
     extra: dict = field(default_factory=dict)
@@ -176,8 +177,10 @@ def run_row(spec: BenchSpec) -> dict:
     guidance = pipe.defaults["guidance"] if spec.guidance is None else spec.guidance
     row = {"weights_gb": weight_bytes(pipe.transformer) / 2**30, "build_s": build_s}
 
+    one_step = spec.speed == ONE_STEP or pipe.one_step_mode is not None
     agreement = None
-    if spec.reference is not None and spec.offload == "none":  # before the generation: a failure costs little
+    if spec.reference is not None and spec.offload == "none" and not one_step:  # before the generation: a failure
+        # costs little (a student's logits are not comparable with its teacher's)
         with torch.no_grad():
             inputs = fixed_inputs(pipe.transformer.config, grid, resolution, device, dtype)
             logits = pipe.transformer(**inputs)
@@ -203,9 +206,10 @@ def run_row(spec: BenchSpec) -> dict:
     generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(0)
     _sync(device)
     t1 = time.perf_counter()
-    tokens = pipe(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
-                  guidance_scale=guidance, generator=generator, output_type="latent",
-                  callback_on_step_end=on_step, speed=spec.speed).images
+    sampling = dict(one_step=True) if one_step else dict(num_inference_steps=steps, guidance_scale=guidance,
+                                                          speed=spec.speed)
+    tokens = pipe(prompt=prompts, height=resolution, width=resolution, generator=generator, output_type="latent",
+                  callback_on_step_end=on_step, **sampling).images
     sample_s = time.perf_counter() - t1
     work = pipe.last_work
     if spec.tokens_out is not None:
@@ -225,9 +229,9 @@ def run_row(spec: BenchSpec) -> dict:
         total_s=text_s + sample_s + decode_s,
         top1_agreement=agreement,
         resolution=resolution,
-        steps=steps,
-        guidance=guidance,
-        speed=spec.speed,
+        steps=1 if one_step else steps,
+        guidance=None if one_step else guidance,
+        speed=ONE_STEP if one_step else spec.speed,
         passes=work["passes"],  # full-pass equivalents per image (the batch's images run together)
         cache_mb=work.get("cache_bytes", 0) / 2**20,
         threads=torch.get_num_threads(),
@@ -317,8 +321,9 @@ def _against_exact(rows: list[dict]) -> None:
         if base is None or len({r.get("speed") for r in rows}) == 1:
             continue
         row["compute_vs_exact"] = row["passes"] / base["passes"]
-        pairs = zip(base.get("runs", [base]), row.get("runs", [row]))
-        row["time_vs_exact"] = [mine["sample_s"] / theirs["sample_s"] for theirs, mine in pairs]
+        for key, name in (("sample_s", "time_vs_exact"), ("total_s", "total_vs_exact")):
+            pairs = zip(base.get("runs", [base]), row.get("runs", [row]))
+            row[name] = [mine[key] / theirs[key] for theirs, mine in pairs]
 
 
 def _tokens_as_exact(specs: list[BenchSpec]) -> list[float | None]:
@@ -327,7 +332,7 @@ def _tokens_as_exact(specs: list[BenchSpec]) -> list[float | None]:
     out = []
     for spec in specs:
         other = exact.get((spec.dtype, spec.quantize))
-        if other is None or len({s.speed for s in specs}) == 1:
+        if other is None or len({s.speed for s in specs}) == 1 or spec.speed == ONE_STEP:  # a student: another model
             out.append(None)
             continue
         mine, theirs = torch.load(spec.tokens_out, weights_only=True), torch.load(other, weights_only=True)
@@ -402,19 +407,25 @@ def speed_table(rows: list[dict]) -> str:
     the per-round time ratios), the caches' size, peak memory and the share of tokens drawn as exact drew them."""
     memory = "CUDA alloc GB" if "cuda_allocated_gb" in rows[0] else "peak RSS GB"
     lines = [f"| speed | precision | quantize | compute (passes) | compute vs exact | sample s | time vs exact | "
-             f"total s | caches MB | {memory} | tokens as exact |", "|---" * 11 + "|"]
+             f"total s | total vs exact | caches MB | {memory} | tokens as exact |", "|---" * 12 + "|"]
     for r in rows:
-        ratios = r.get("time_vs_exact")
-        time_share = "-" if not ratios else f"{100 * statistics.median(ratios):.0f}%"
-        if ratios and len(ratios) > 1:
-            time_share += f" ({100 * min(ratios):.0f}-{100 * max(ratios):.0f}%)"
         compute = "-" if "compute_vs_exact" not in r else f"{100 * r['compute_vs_exact']:.0f}%"
         agree = "-" if r.get("tokens_as_exact") is None else f"{100 * r['tokens_as_exact']:.1f}%"
         mem = r.get("cuda_allocated_gb", r["peak_rss_gb"])
         lines.append(f"| {r['speed']} | {r['dtype']} | {r['quantize']} | {r['passes']:.1f} | {compute} | "
-                     f"{r['sample_s']:.2f} | {time_share} | {r['total_s']:.2f} | {r['cache_mb']:.0f} | {mem:.2f} | "
-                     f"{agree} |")
+                     f"{r['sample_s']:.2f} | {_share(r.get('time_vs_exact'))} | {r['total_s']:.2f} | "
+                     f"{_share(r.get('total_vs_exact'))} | {r['cache_mb']:.0f} | {mem:.2f} | {agree} |")
     return "\n".join(lines)
+
+
+def _share(ratios: list[float] | None) -> str:
+    """A time ratio as a share (over repeated rounds the median, and the range in brackets)."""
+    if not ratios:
+        return "-"
+    text = f"{100 * statistics.median(ratios):.0f}%"
+    if len(ratios) > 1:
+        text += f" ({100 * min(ratios):.0f}-{100 * max(ratios):.0f}%)"
+    return text
 
 
 def _worker(payload: str) -> None:

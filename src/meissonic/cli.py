@@ -2,7 +2,7 @@
 
   meissonic generate PROMPT [--model DIR_OR_REPO (default: the shipped demo)] [--steps --guidance --seed ...]
   meissonic img2img | inpaint | outpaint PROMPT --image PATH [...]   (image editing, see `cli_images.py`)
-  meissonic train | train-vq | data shapes | eval shapes | bench | convert | init
+  meissonic train | distill | train-vq | data shapes | eval shapes | bench | convert | init
 
 Bad input exits with status 2 and one line on stderr naming the problem; no file that exists is ever overwritten.
 """
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "row per level with its transformer compute (full-pass equivalents) and time, and the share "
                        "of tokens drawn as exact drew them")
     bench.add_argument("--speed", dest="speeds", help="one speed level (same as --speeds with one)")
+    bench.add_argument("--student", help="a one-step student of --model (a folder, or demo-1step): one more row per "
+                       "precision and quantization, sampled in one pass, its time against the exact row's")
     bench.add_argument("--no-agreement", action="store_true",
                        help="skip the fp32 reference run that the top-1 token agreement is measured against")
     bench.add_argument("--repeat", type=int, default=1, help="run the rows this many rounds, interleaved; times "
@@ -138,6 +140,49 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
     tr.add_argument("--validation-steps", type=int, default=16, help="sampling steps of validation images")
     tr.set_defaults(run=train_command)
+
+    di = verbs.add_parser("distill", help="distill a one-step Di[M]O student from a multi-step model")
+    di.add_argument("--teacher", dest="model", required=True, help="pipeline folder of the multi-step model")
+    di.add_argument("--data", required=True, help="prompts: a .txt file (one per line), or any `train` source "
+                    "whose captions are read (no images are needed)")
+    di.add_argument("--out", type=Path, required=True, help="output folder: checkpoints, metrics, the student")
+    di.add_argument("--caption-column", default="caption")
+    di.add_argument("--resolution", type=int, help="image side (default: the teacher's)")
+    di.add_argument("--batch-size", type=int, default=4, help="prompts per step and process")
+    di.add_argument("--max-steps", type=int, default=1000)
+    di.add_argument("--learning-rate", type=float, default=1e-5, help="the student's")
+    di.add_argument("--aux-learning-rate", type=float, help="the auxiliary model's (default: --learning-rate)")
+    di.add_argument("--aux-rounds", type=int, default=1, help="auxiliary updates per student update")
+    di.add_argument("--lr-scheduler", default="constant",
+                    choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"))
+    di.add_argument("--warmup-steps", type=int, default=0)
+    di.add_argument("--weight-decay", type=float, default=0.0)
+    di.add_argument("--max-grad-norm", type=float, default=1.0)
+    di.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    di.add_argument("--divergence", default="fkl", choices=("fkl", "rkl", "jeffreys"),
+                    help="forward KL (default, mode covering), reverse KL (mode seeking), or a mix of both")
+    di.add_argument("--jeffreys-beta", type=float, default=0.5, help="reverse KL's share with --divergence jeffreys")
+    di.add_argument("--guidance-scale", type=float, default=4.0, help="the teacher's guidance")
+    di.add_argument("--negative-prompt", default="", help="the teacher's unconditional prompt")
+    di.add_argument("--mask-ratio", type=float, default=0.5, help="share of the student's random input ids masked")
+    di.add_argument("--embedding-noise", type=float, default=0.3, help="the student's embedding noise while training")
+    di.add_argument("--sample-mask-ratio", type=float, help="the saved student's mask ratio (default: --mask-ratio)")
+    di.add_argument("--sample-embedding-noise", type=float, default=0.1, help="the saved student's embedding noise")
+    di.add_argument("--label-smoothing", type=float, default=0.1, help="of the auxiliary model's cross-entropy")
+    di.add_argument("--train-embeddings", action="store_true",
+                    help="also train the student's token embedding and output head (frozen by default)")
+    di.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA adapters instead of full weights")
+    di.add_argument("--lora-alpha", type=float)
+    di.add_argument("--gradient-checkpointing", action="store_true")
+    di.add_argument("--ema-decay", type=float, default=0.0, help="> 0: keep EMA weights of the student")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--checkpoint-every", type=int, default=500)
+    di.add_argument("--keep-checkpoints", type=int, default=3)
+    di.add_argument("--resume", help="a checkpoint folder, or 'latest'")
+    di.add_argument("--log-every", type=int, default=10)
+    di.add_argument("--validation-every", type=int, default=0, help="steps between one-step validation grids")
+    di.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
+    di.set_defaults(run=distill_command)
 
     tv = verbs.add_parser("train-vq", help="train or fine-tune the VQ image tokenizer")
     tv.add_argument("--data", required=True, help="same sources as `train`")
@@ -220,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--concurrency", type=int, default=1, help="requests run at once")
     add_runtime_options(ui)
     ui.add_argument("--allow-pickle", action="store_true", help="also load pickle weights (weights_only=True)")
+    ui.add_argument("--student", help="a one-step student of --model (a folder, or demo-1step for the demo): "
+                    "offered as the speed 'one-step'")
     ui.set_defaults(run=ui_command)
 
     conv = verbs.add_parser("convert", help="write a copy of a model folder with its weights in another precision")
@@ -267,7 +314,7 @@ def _preset_names() -> list[str]:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from .bench import BenchSpec, format_table, run_bench, seed_format
+    from .bench import ONE_STEP, BenchSpec, format_table, run_bench, seed_format
 
     if args.model is None and args.preset is None:
         args.preset = "meissonic"
@@ -293,15 +340,24 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError("fp16 on CPU is hundreds of times slower than bf16: leave it out of --dtypes")
     if args.offload != "none" and device.type != "cuda":
         raise UsageError(f"--offload {args.offload}: needs a CUDA GPU")
-    if args.model is not None:
-        from .loading import resolve_model_folder
+    from .loading import resolve_model_folder, student_folder
 
+    if args.model is not None and student_folder(args.model) is None:
         resolve_model_folder(args.model)  # a bad folder fails here, once, not in every row's process
+    if args.student is not None:
+        if student_folder(args.student) is None:
+            resolve_model_folder(args.student)
+        if "exact" not in speeds:
+            raise UsageError("--student is timed against the teacher's exact row: keep exact in --speeds")
     specs = [BenchSpec(model=args.model, preset=args.preset, dtype=d, quantize=q, resolution=args.resolution,
                        steps=args.steps, batch=args.batch, guidance=args.guidance,
                        release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
                        compile=args.compile, device=str(device), speed=v)
              for d in dtypes for q in methods for v in speeds]
+    if args.student is not None:  # after the teacher's rows (the first row is the agreement's reference)
+        specs += [BenchSpec(model=args.student, dtype=d, quantize=q, resolution=args.resolution, batch=args.batch,
+                            release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
+                            device=str(device), speed=ONE_STEP) for d in dtypes for q in methods]
     name = args.model or f"{args.preset} (random weights)"
     where = torch_device_name(device)
     print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)
@@ -372,6 +428,16 @@ def train_command(args: argparse.Namespace) -> int:
     out = train(cfg)
     target = f"--model {cfg.model or 'BASE'} --lora {out / 'lora'}" if cfg.lora_rank else f"--model {out}"
     print(f"done: {out} (generate with {target})")
+    return 0
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    from .training.distill import DistillConfig, distill
+
+    cfg = _config(DistillConfig, args)
+    out = distill(cfg)
+    target = f"--model {cfg.model} --lora {out / 'lora'}" if cfg.lora_rank else f"--model {out}"
+    print(f"done: {out} (one-step generation with {target})")
     return 0
 
 
@@ -454,7 +520,7 @@ def ui_command(args: argparse.Namespace) -> int:
     try:
         app, url = launch(args.model, args.host, args.port, args.share, args.max_queue, args.concurrency,
                           resolve_dtype(args.dtype, device, args.model), device, block=False,
-                          allow_pickle=args.allow_pickle, options=run_options(args))
+                          allow_pickle=args.allow_pickle, options=run_options(args), student=args.student)
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"meissonic ui: serving {args.model} on {url} (Ctrl+C to stop)", flush=True)

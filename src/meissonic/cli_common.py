@@ -235,6 +235,26 @@ def load_pipeline(model: str, dtype, allow_pickle: bool = False, transformer: Pa
         raise UsageError(f"cannot load model {model!r}: {type(err).__name__}: {reason(err)}") from None
 
 
+def load_student(pipe, student: str, dtype, allow_pickle: bool = False):
+    """A one-step student of `pipe`'s model (a student folder, `demo-1step`, or a pipeline folder written by
+    `meissonic distill`) as its own pipeline sharing `pipe`'s tokenizer, text encoder, VQ and scheduler: only its
+    transformer is loaded."""
+    from .loading import ModelFolderError
+    from .pipeline import MeissonicPipeline
+
+    shared = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vqvae=pipe.vqvae, scheduler=pipe.scheduler)
+    try:
+        loaded = MeissonicPipeline.from_pretrained(student, torch_dtype=dtype, allow_pickle=allow_pickle, **shared)
+    except ModelFolderError:
+        raise
+    except Exception as err:  # a library's error while reading a malformed folder: one line, no traceback
+        raise UsageError(f"cannot load student {student!r}: {type(err).__name__}: {reason(err)}") from None
+    if loaded.one_step_mode is None:
+        raise UsageError(f"{student!r} is not a one-step student (it records no one-step mode): distill one with "
+                         f"`meissonic distill`")
+    return loaded
+
+
 def reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

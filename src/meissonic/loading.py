@@ -34,6 +34,31 @@ def demo_model_folder() -> Path:
     return folder
 
 
+DEMO_STUDENT = "demo-1step"  # a one-step student of the demo, shipped as a student folder (`student_folder`)
+STUDENT_FILE = "student.json"
+
+
+def student_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The folder when `name_or_path` is a student folder, else None.
+
+    A student folder holds a one-step transformer (`transformer/`, the released layout) and `student.json`:
+    {"base_model": the teacher's folder, repo id or "demo", whose tokenizer, text encoder and VQ it uses;
+    "one_step": how it samples (`meissonic.one_step.OneStep`)}. `"demo-1step"` (when no folder of that name exists
+    here) is the one shipped in the package, a student of `"demo"`."""
+    from importlib import resources
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and str(name_or_path) == DEMO_STUDENT:
+        path = Path(str(resources.files("meissonic") / "assets" / "demo-1step"))
+        if not (path / STUDENT_FILE).is_file():
+            raise ModelFolderError(f"this install of meissonic has no one-step demo ({str(path)!r} is missing)")
+    if not (path / STUDENT_FILE).is_file():
+        return None
+    if not (path / "transformer" / "config.json").is_file():
+        raise ModelFolderError(f"student folder {str(path)!r} has {STUDENT_FILE} but no transformer/config.json")
+    return path
+
+
 def resolve_model_folder(
     name_or_path: str | os.PathLike, revision: str | None = None, variant: str | None = None, **hub_options
 ) -> Path:

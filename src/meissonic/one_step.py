@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+ONE_STEP = "one-step"  # what the UI and `bench` call sampling a student in one pass, beside the speed levels
+
 
 @dataclass(frozen=True)
 class OneStep:
@@ -77,6 +79,17 @@ def initial_tokens(generators: list[torch.Generator], grid: tuple[int, int], cod
 def embedding_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
     """(B, *shape) standard normal noise, image b from generator b."""
     return torch.stack([torch.randn(shape, generator=gen, device=gen.device) for gen in generators])
+
+
+def student_inputs(plan: OneStep, generators: list[torch.Generator], grid: tuple[int, int], codebook_size: int,
+                   mask_id: int, width: int, device) -> tuple[torch.Tensor, tuple[float, torch.Tensor] | None]:
+    """What a student's pass takes besides the prompt: the initial ids (B, h, w) and the `embedding_noise` argument
+    of `MeissonicTransformer.predict` ((p, noise (B, width, h, w)), or None at p = 0, where the published script skips
+    the mix). Sampling (`MeissonicPipeline`) and distillation (`meissonic.training.distill`) both start here."""
+    ids = initial_tokens(generators, grid, codebook_size, mask_id, plan.mask_ratio).to(device)
+    if plan.embedding_noise <= 0:
+        return ids, None
+    return ids, (plan.embedding_noise, embedding_noise(generators, (width, *grid)).to(device))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:

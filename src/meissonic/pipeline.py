@@ -21,16 +21,19 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .loading import (
+    DEMO,
     HUB_OPTIONS,
+    STUDENT_FILE,
     WEIGHTS,
     ModelFolderError,
     check_config_fields,
     check_config_matches_weights,
     own_memory,
     resolve_model_folder,
+    student_folder,
     weights_are_pickle,
 )
-from .one_step import OneStep, draw_tokens, embedding_noise, initial_tokens
+from .one_step import OneStep, draw_tokens, student_inputs
 from .orders import ORDERS
 from .runtime import is_compiled
 from .sampler import MASK_SCHEDULES, decode, guided_logits
@@ -122,7 +125,21 @@ class MeissonicPipeline(DiffusionPipeline):
         e.g. `text_encoder=CLIPTextModelWithProjection.from_pretrained(...)` for the encoder the reference scripts use;
         `transformer` may also be the path of a transformer folder in the released layout (a Di[M]O student, whose
         tokenizer, text encoder and VQ come from its teacher's folder), checked and loaded as the folder's own.
+        A student folder (`meissonic.loading.student_folder`; `"demo-1step"`, the shipped one) loads its teacher's
+        folder with its transformer, and samples in one step.
         """
+        student = student_folder(pretrained_model_name_or_path) if "transformer" not in components else None
+        if student is not None:  # a student folder: its teacher's folder with the student's transformer
+            spec = json.loads((student / STUDENT_FILE).read_text())
+            base = spec.get("base_model")
+            if not isinstance(base, str) or not base:
+                raise ModelFolderError(f"{str(student / STUDENT_FILE)!r} names no base_model")
+            if base != DEMO and not Path(base).is_absolute() and (student / base).exists():
+                base = str(student / base)  # a base folder given relative to the student folder
+            pipe = cls.from_pretrained(base, torch_dtype, revision, variant, allow_pickle,
+                                       transformer=student / "transformer", **components)
+            pipe.set_one_step_mode(OneStep.from_dict(spec.get("one_step") or {}))
+            return pipe
         hub = {k: components.pop(k) for k in HUB_OPTIONS if k in components}
         if isinstance(components.get("transformer"), (str, os.PathLike)):  # a transformer folder (e.g. a student)
             components["transformer"] = _load_transformer_folder(Path(components["transformer"]), torch_dtype,
@@ -192,7 +209,8 @@ class MeissonicPipeline(DiffusionPipeline):
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def load_lora(self, folder: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
-        """Add a LoRA adapter written by `meissonic train --lora-rank` (`pytorch_lora_weights.safetensors`)."""
+        """Add a LoRA adapter written by `meissonic train --lora-rank` (`pytorch_lora_weights.safetensors`), or a
+        student's by `meissonic distill --lora-rank` (its `one_step.json` makes the pipeline sample in one step)."""
         path = Path(folder)
         if not (path / "pytorch_lora_weights.safetensors").is_file():
             raise ModelFolderError(f"{str(path)!r} holds no pytorch_lora_weights.safetensors")
@@ -200,6 +218,8 @@ class MeissonicPipeline(DiffusionPipeline):
             path, prefix=None, adapter_name=adapter_name, weight_name="pytorch_lora_weights.safetensors"
         )
         self.transformer.set_adapters([adapter_name], weights=[scale])
+        if (path / "one_step.json").is_file():  # a one-step student distilled as LoRA (`meissonic distill`)
+            self.set_one_step_mode(OneStep.from_dict(json.loads((path / "one_step.json").read_text())))
         if (path / "text_encoder_lora" / "adapter_config.json").is_file():  # the run also had text-encoder LoRA
             from peft import PeftModel
 
@@ -561,12 +581,8 @@ class MeissonicPipeline(DiffusionPipeline):
         generators = per_image_generators(generator, batch, device)
         grid = (size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor)
         config = self.transformer.config
-        ids = initial_tokens(generators, grid, config.codebook_size, self.scheduler.config.mask_token_id,
-                             plan.mask_ratio).to(device)
-        noise = None
-        if plan.embedding_noise > 0:  # the published script skips the mix at p = 0
-            dim = config.num_attention_heads * config.attention_head_dim
-            noise = (plan.embedding_noise, embedding_noise(generators, (dim, *grid)).to(device))
+        ids, noise = student_inputs(plan, generators, grid, config.codebook_size, self.scheduler.config.mask_token_id,
+                                    config.num_attention_heads * config.attention_head_dim, device)
         micro = torch.tensor([size[1], size[0], crop[0], crop[1], score], device=device, dtype=torch.float32)
         progress = self.progress_bar(total=1)
         with progress:

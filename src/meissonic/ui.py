@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .one_step import ONE_STEP  # noqa: E402
 from .sizes import SizeError, SizePolicy  # noqa: E402
 from .speeds import SPEEDS  # noqa: E402
 from .vq import decode_tokens  # noqa: E402
@@ -60,7 +61,7 @@ class Settings:
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # shares of the steps that are guided: [start, end)
     guidance_ramp: bool = False
     order: str = "confidence"
-    speed: str = "exact"  # a level of `meissonic.speeds`; with "exact" the knobs above apply alone
+    speed: str = "exact"  # a level of `meissonic.speeds`, with "exact" the knobs above alone; or ONE_STEP
 
 
 class UserError(ValueError):
@@ -95,13 +96,21 @@ def preview_image(pipe, tokens: torch.Tensor) -> Image.Image:
 
 
 class Studio:
-    """The loaded model and the one function every tab calls."""
+    """The loaded model (and a one-step student of it, when given) and the one function every tab calls."""
 
-    def __init__(self, pipe, model_name: str):
+    def __init__(self, pipe, model_name: str, student=None):
         self.pipe = pipe
         self.model_name = model_name
+        # a model that is itself a student samples in one step only; a teacher with a student offers both
+        self.student = pipe if pipe.one_step_mode is not None else student
+        if self.student is pipe:
+            self.speeds = [ONE_STEP]
+        else:
+            self.speeds = list(SPEEDS) + ([ONE_STEP] if student is not None else [])
         # the size rule as the command line applies it (the sliders stop at the size limit; outpaint margins do not)
-        pipe.size_policy = SizePolicy(allow_large=False, check_memory=True)
+        for model in {id(pipe): pipe, id(self.student): self.student}.values():
+            if model is not None:
+                model.size_policy = SizePolicy(allow_large=False, check_memory=True)
         self.lock = threading.Lock()  # one generation at a time on this model, whatever the queue allows
         # every request's work runs on this one long-lived thread: a thread per request would spread the model's
         # working memory over the allocator's per-thread arenas, and the server's memory would creep up with load
@@ -125,6 +134,19 @@ class Studio:
                 on_step(step, step + timestep + 1, names["latents"])
             return {}
 
+        if settings.speed not in self.speeds:
+            raise UserError(f"Speed {settings.speed!r} is not available here: choose {', '.join(self.speeds)}.")
+        if settings.speed == ONE_STEP:
+            if task != "Text to image":
+                raise UserError("One step makes new images from text only: pick exact, fast or fastest to edit.")
+            try:
+                with self.lock:
+                    images = self.student(prompt=prompt, height=settings.height, width=settings.width,
+                                          num_images_per_prompt=settings.num_images, generator=generators,
+                                          callback_on_step_end=callback, one_step=True).images
+            except SizeError as err:
+                raise UserError(str(err)) from None
+            return images, seed
         options = dict(negative_prompt=settings.negative_prompt, guidance_scale=settings.guidance,
                        num_inference_steps=settings.steps, num_images_per_prompt=settings.num_images,
                        temperature=(settings.temperature, 0.0),
@@ -156,11 +178,13 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
     """The Blocks app: four tabs, shared advanced settings, a gallery, the seed and time taken."""
     pipe = studio.pipe
     f, side, default = pipe.vae_scale_factor, pipe.max_side, pipe.defaults["resolution"]
-    examples = SHAPES_EXAMPLES if studio.model_name == "demo" else GENERAL_EXAMPLES
+    examples = SHAPES_EXAMPLES if studio.model_name in ("demo", "demo-1step") else GENERAL_EXAMPLES
 
     # uploads and results older than an hour are deleted every hour (and all of them when the server stops)
     with gr.Blocks(title="Meissonic", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## Meissonic\nModel: `{studio.model_name}` ({default} px, {pipe.defaults['steps']} steps)")
+        student = "" if studio.student is None or studio.student is pipe else " · one-step student loaded"
+        steps_said = "one step" if studio.student is pipe else f"{pipe.defaults['steps']} steps"
+        gr.Markdown(f"## Meissonic\nModel: `{studio.model_name}` ({default} px, {steps_said}){student}")
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Tabs():
@@ -198,8 +222,9 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                     guidance = gr.Slider(0, 20, value=pipe.defaults["guidance"], step=0.5, label="Guidance")
                     steps = gr.Slider(1, 100, value=pipe.defaults["steps"], step=1, label="Steps")
                     temperature = gr.Slider(0, 5, value=2.0, step=0.1, label="Temperature (start; annealed to 0)")
-                    speed = gr.Radio(list(SPEEDS), value="exact", label="Speed (fast, fastest: fewer and partial "
-                                     "passes, measured in the README; the options below replace a level's)")
+                    speed = gr.Radio(studio.speeds, value=studio.speeds[0], label="Speed (fast, fastest: fewer and "
+                                     "partial passes, measured in the README; the options below replace a level's; "
+                                     "one-step: the student, text to image only)", elem_id="speed")
                     schedule = gr.Radio(["cosine", "linear", "arccos"], value=pipe.scheduler.config.masking_schedule,
                                         label="Mask schedule")
                     with gr.Row():
@@ -270,16 +295,24 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
 
 def launch(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, max_queue: int = 16,
            concurrency: int = 1, dtype=None, device=None, block: bool = True, max_file_size: str = "20mb",
-           allow_pickle: bool = False, options=None):
+           allow_pickle: bool = False, options=None, student: str | None = None):
     """Load the model once and serve the app; returns (app, local URL). `options`: a `runtime.RunOptions`
-    (quantization, offload, compile, tiled decoding)."""
-    from .cli_common import load_pipeline
+    (quantization, offload, compile, tiled decoding). `student`: a one-step student of `model` (a folder or
+    "demo-1step"), offered as the speed "one-step"; it shares the model's tokenizer, text encoder and VQ."""
+    from .cli_common import load_pipeline, load_student
     from .runtime import RunOptions, prepare
 
+    options = options or RunOptions()
     pipe = load_pipeline(model, dtype, allow_pickle)
-    prepare(pipe, device if device is not None else pipe.device, options or RunOptions())
+    device = device if device is not None else pipe.device
+    prepare(pipe, device, options)
     pipe.set_progress_bar_config(disable=True)
-    app = build_app(Studio(pipe, model), max_queue=max_queue, concurrency=concurrency)
+    one_step = None
+    if student is not None:
+        one_step = load_student(pipe, student, dtype, allow_pickle)
+        prepare(one_step, device, replace(options, quantize_text_encoder=False))  # the shared encoder is done
+        one_step.set_progress_bar_config(disable=True)
+    app = build_app(Studio(pipe, model, one_step), max_queue=max_queue, concurrency=concurrency)
     _, url, _ = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                            quiet=True, max_file_size=max_file_size, footer_links=[])
     return app, url

@@ -213,3 +213,26 @@ def load_images(dataset, indices: list[int], resolution: int, gen: torch.Generat
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 4099 + rank)
+
+
+def read_prompts(source: str | Path, caption_column: str = "caption") -> list[str]:
+    """The prompts a prompts-only run (distillation) learns from: the lines of a .txt file, or the captions of any
+    source `open_dataset` reads (only the caption column is read from parquet and arrow files); empty ones dropped."""
+    path = Path(str(source)).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(f"prompts file {str(source)!r} does not exist")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        dataset = open_dataset(source, caption_column=caption_column, score_column=None)
+        if isinstance(dataset, ImageFolder):
+            prompts = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in dataset.images]
+        else:
+            prompts = []
+            for kind, file, group, _ in dataset.parts:
+                table = _row_group(file, group, (caption_column,)) if kind == "parquet" else group
+                prompts += [str(c or "") for c in table.column(caption_column).to_pylist()]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise DataError(f"{str(source)!r} holds no prompts")
+    return prompts

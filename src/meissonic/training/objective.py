@@ -53,14 +53,14 @@ def mask_rate_timestep(share: torch.Tensor, convention: str, steps: int) -> torc
     return steps - 1 - index
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over masked tokens. logits (B, V, h, w) float; labels (B, h, w) with IGNORE elsewhere.
 
     Only the masked positions' rows are gathered (channels last, so each softmax reads contiguous memory) and
     promoted to float32: the same value as `cross_entropy(logits.float(), labels, ignore_index=IGNORE)`, cheaper."""
     taken = labels != IGNORE  # (B, h, w)
     rows = logits.permute(0, 2, 3, 1)[taken]  # (M, V)
-    return F.cross_entropy(rows.float(), labels[taken])
+    return F.cross_entropy(rows.float(), labels[taken], label_smoothing=label_smoothing)
 
 
 def drop_conditions(hidden: torch.Tensor, pooled: torch.Tensor, empty_hidden: torch.Tensor,

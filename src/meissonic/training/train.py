@@ -145,14 +145,7 @@ def train(cfg: TrainConfig) -> Path:
     transformer.train()
 
     if cfg.lora_rank:
-        from peft import LoraConfig
-
-        from ..presets import seeded_init
-
-        transformer.requires_grad_(False)
-        with seeded_init(cfg.seed):
-            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                               target_modules=cfg.lora_targets, init_lora_weights="gaussian"))
+        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
     trains_text = cfg.train_text_encoder or cfg.text_encoder_lora_rank > 0
     if cfg.text_encoder_lora_rank:  # peft's own wrapper: transformers' adapter API needs a newer peft
         from peft import LoraConfig, get_peft_model
@@ -278,7 +271,7 @@ def train(cfg: TrainConfig) -> Path:
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             accelerator.wait_for_everyone()
             # every rank takes part in gathering the weights (needed when FSDP shards them); rank 0 writes
-            weights = _trainable_state(model, True) if cfg.lora_rank else accelerator.get_state_dict(transformer)
+            weights = trainable_state(model, True) if cfg.lora_rank else accelerator.get_state_dict(transformer)
             if accelerator.is_main_process:
                 unwrapped_text = accelerator.unwrap_model(text_encoder) if trains_text else None
                 save_checkpoint(checkpoints, done,
@@ -294,6 +287,18 @@ def train(cfg: TrainConfig) -> Path:
         _save_final(pipe, model, accelerator.unwrap_model(text_encoder), trained, ema, cfg, trains_text)
     accelerator.end_training()
     return cfg.out
+
+
+def add_lora(transformer, rank: int, alpha: float | None, targets: list[str], seed: int) -> None:
+    """Freeze the transformer and give it trainable LoRA adapters (seeded, so a run repeats)."""
+    from peft import LoraConfig
+
+    from ..presets import seeded_init
+
+    transformer.requires_grad_(False)
+    with seeded_init(seed):
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
+                                           init_lora_weights="gaussian"))
 
 
 def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_encoder):
@@ -313,7 +318,7 @@ def _open_cache(cfg: TrainConfig, accelerator, dataset, vqvae, tokenizer, text_e
         raise TrainingError(str(err)) from None
 
 
-def _trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+def trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
     if lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -324,7 +329,7 @@ def _trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tens
 def _write_checkpoint(folder: Path, cfg, weights: dict, text_encoder, optimizer, schedule, ema) -> None:
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, folder / "transformer.safetensors")
     if text_encoder is not None:
-        state = _trainable_state(text_encoder, bool(cfg.text_encoder_lora_rank))
+        state = trainable_state(text_encoder, bool(cfg.text_encoder_lora_rank))
         save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "text_encoder.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(schedule.state_dict(), folder / "lr_scheduler.pt")
@@ -356,7 +361,7 @@ def _load_checkpoint(path: Path, cfg, transformer, text_encoder, optimizer, sche
     return int(state["step"])
 
 
-class _EmaWeights:
+class EmaWeights:
     """Context: the EMA weights in the model for its body, the trained ones restored after."""
 
     def __init__(self, ema, params):
@@ -372,30 +377,35 @@ class _EmaWeights:
             self.ema.restore(self.params)
 
 
-@torch.no_grad()
 def _validate(pipe: MeissonicPipeline, model, params, ema, cfg: TrainConfig, step: int, device) -> Path:
+    return validation_grid(pipe, model, params, ema, cfg.validation_prompts, cfg.resolution, cfg.seed, device,
+                           cfg.out / "validation" / f"step-{step}.png", num_inference_steps=cfg.validation_steps)
+
+
+@torch.no_grad()
+def validation_grid(pipe: MeissonicPipeline, model, params, ema, prompts: list[str], resolution: int, seed: int,
+                    device, path: Path, **sampling) -> Path:
+    """One image per prompt (seed + i) from `model` with its EMA weights, as one grid image at `path`; `sampling`
+    goes to the pipeline's call."""
     from ..outputs import image_grid
 
     was_training = model.training
     model.eval()
     pipe.transformer = model
     pipe.set_progress_bar_config(disable=True)
-    with _EmaWeights(ema, params), torch.autocast(device.type, enabled=False):
-        images = pipe(prompt=cfg.validation_prompts, height=cfg.resolution, width=cfg.resolution,
-                      num_inference_steps=cfg.validation_steps,
-                      generator=[torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts))]
-                      ).images
+    with EmaWeights(ema, params), torch.autocast(device.type, enabled=False):
+        images = pipe(prompt=prompts, height=resolution, width=resolution,
+                      generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
+                      **sampling).images
     model.train(was_training)
-    folder = cfg.out / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
     return path
 
 
 def _save_final(pipe: MeissonicPipeline, model, text_encoder, params, ema, cfg: TrainConfig,
                 trains_text: bool) -> None:
-    with _EmaWeights(ema, params):
+    with EmaWeights(ema, params):
         if cfg.lora_rank:
             model.save_lora_adapter(cfg.out / "lora")
             (cfg.out / "lora" / "base_model.json").write_text(json.dumps({"base_model": cfg.model}) + "\n")
