@@ -22,10 +22,10 @@ resume() { [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ] && echo "--resume late
 # 2. Distillation from the demo (12 steps, guidance 1.5): the student and the auxiliary model start as copies of the
 #    demo's transformer; forward KL; the student's input is random ids with half of them masked.
 [ -f "$W/student/model_index.json" ] || $M distill --teacher demo --data "$W/prompts.parquet" --out "$W/student" \
-  --batch-size ${BATCH:-16} --max-steps ${STEPS:-600} --learning-rate ${LR:-1e-4} --aux-learning-rate ${AUX_LR:-1e-4} \
+  --batch-size ${BATCH:-16} --max-steps ${STEPS:-1500} --learning-rate ${LR:-1e-4} --aux-learning-rate ${AUX_LR:-1e-4} \
   --guidance-scale ${GUIDANCE:-1.5} --mask-ratio 0.5 --embedding-noise 0.3 --sample-embedding-noise 0.1 \
-  --ema-decay 0.99 --mixed-precision bf16 --checkpoint-every 100 --log-every 10 \
-  --validation-every 100 --validation-prompt "a large red circle on the left" \
+  --ema-decay 0.99 --mixed-precision bf16 --checkpoint-every 250 --log-every 10 \
+  --validation-every 250 --validation-prompt "a large red circle on the left" \
   --validation-prompt "a small blue square to the left of a yellow star" $(resume "$W/student")
 
 # 3. Judge it (the README's figures).

@@ -1,4 +1,5 @@
-"""Make the README's pictures with the shipped demo model: a grid of prompts, and one example of each edit.
+"""Make the README's pictures with the shipped demo models: a grid of prompts, one example of each edit, and the
+one-step student (`demo-1step`) beside its teacher on the same prompts and seeds.
 
     python scripts/make_readme_images.py [OUT_DIR]      (default docs/; seeds fixed, so the pictures are reproducible)
 """
@@ -74,7 +75,15 @@ def main(out: Path) -> None:
                   generator=torch.Generator().manual_seed(0)).images[0]),
     ]
     captioned([e[1] for e in edits], [e[0] for e in edits], columns=4).save(out / "demo-edits.png")
-    print(f"wrote {out / 'demo-grid.png'} and {out / 'demo-edits.png'}")
+
+    student = MeissonicPipeline.from_pretrained("demo-1step", torch_dtype=torch.float32)
+    student.set_progress_bar_config(disable=True)
+    chosen = [0, 1, 2, 8, 9, 11]  # three single objects, two pairs and a held-out pair
+    pairs = [(f"12 steps: {GRID_PROMPTS[i]}", images[i]) for i in chosen]
+    pairs += [(f"1 step: {GRID_PROMPTS[i]}", student(prompt=prompts[i], generator=torch.Generator().manual_seed(i))
+               .images[0]) for i in chosen]
+    captioned([p[1] for p in pairs], [p[0] for p in pairs], columns=len(chosen)).save(out / "demo-1step-grid.png")
+    print(f"wrote {out / 'demo-grid.png'}, {out / 'demo-edits.png'} and {out / 'demo-1step-grid.png'}")
 
 
 if __name__ == "__main__":

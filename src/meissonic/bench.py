@@ -49,6 +49,7 @@ class BenchSpec:
     speed: str = "exact"  # the sampler's speed level (`meissonic.speeds`), or ONE_STEP: a student in one pass
     tokens_out: str | None = None  # where the row writes its generated tokens (agreement between speed levels)
     reference: str | None = None  # file of the fp32 top-1 tokens on the fixed inputs (agreement is measured against)
+    warmup: bool = False  # one untimed generation (and decode) first: times are then the steady state
     extra: dict = field(default_factory=dict)
 
 
@@ -190,9 +191,19 @@ def run_row(spec: BenchSpec) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prompts = [PROMPT] * spec.batch
+    # a student has no guidance batch: its prompt alone is encoded, as a generation would
+    texts = [PROMPT] if one_step or guidance <= 1 else [PROMPT, ""]
+    sampling = dict(one_step=True) if one_step else dict(num_inference_steps=steps, guidance_scale=guidance,
+                                                          speed=spec.speed)
+    if spec.warmup:  # untimed: text encoder, sampler and decoder each run once before the timed generation
+        with torch.no_grad():
+            pipe.encode_prompt(texts)
+        warm = pipe(prompt=prompts, height=resolution, width=resolution, output_type="latent",
+                    generator=torch.Generator().manual_seed(1), **sampling).images
+        decode_tokens(pipe.vqvae, warm, tile=spec.vq_tile)
     _sync(device)
     t0 = time.perf_counter()
-    pipe.encode_prompts_once([PROMPT, ""], release=spec.release_text_encoder)
+    pipe.encode_prompts_once(texts, release=spec.release_text_encoder)
     _sync(device)
     text_s = time.perf_counter() - t0
 
@@ -206,8 +217,6 @@ def run_row(spec: BenchSpec) -> dict:
     generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(0)
     _sync(device)
     t1 = time.perf_counter()
-    sampling = dict(one_step=True) if one_step else dict(num_inference_steps=steps, guidance_scale=guidance,
-                                                          speed=spec.speed)
     tokens = pipe(prompt=prompts, height=resolution, width=resolution, generator=generator, output_type="latent",
                   callback_on_step_end=on_step, **sampling).images
     sample_s = time.perf_counter() - t1

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the fp32 reference run that the top-1 token agreement is measured against")
     bench.add_argument("--repeat", type=int, default=1, help="run the rows this many rounds, interleaved; times "
                        "are medians and the step speed-up the median (and range) of the per-round ratios")
+    bench.add_argument("--warmup", action="store_true", help="run one untimed generation in each row's process "
+                       "first: the times are then a warm process's (without: the first generation's, one-time setup "
+                       "included)")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     bench.add_argument("--json", type=Path, help="also write the rows to this JSON file (must not exist)")
     bench.set_defaults(run=bench_command)
@@ -352,12 +355,12 @@ def bench_command(args: argparse.Namespace) -> int:
     specs = [BenchSpec(model=args.model, preset=args.preset, dtype=d, quantize=q, resolution=args.resolution,
                        steps=args.steps, batch=args.batch, guidance=args.guidance,
                        release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
-                       compile=args.compile, device=str(device), speed=v)
+                       compile=args.compile, device=str(device), speed=v, warmup=args.warmup)
              for d in dtypes for q in methods for v in speeds]
     if args.student is not None:  # after the teacher's rows (the first row is the agreement's reference)
         specs += [BenchSpec(model=args.student, dtype=d, quantize=q, resolution=args.resolution, batch=args.batch,
                             release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
-                            device=str(device), speed=ONE_STEP) for d in dtypes for q in methods]
+                            device=str(device), speed=ONE_STEP, warmup=args.warmup) for d in dtypes for q in methods]
     name = args.model or f"{args.preset} (random weights)"
     where = torch_device_name(device)
     print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)

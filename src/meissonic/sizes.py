@@ -105,6 +105,12 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    """The precision of a module's first floating-point weight (diffusers' `.dtype` walks every module to find it,
+    a few ms a call on a small model)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def memory_estimate(pipe, width: int, height: int, images: int = 1, guided: bool = True, cached: bool = False,
                     vq_tile: int | None = None) -> MemoryEstimate:
     """Peak memory a generation of `images` images of width x height adds to the loaded model (`guided`: two
@@ -116,14 +122,15 @@ def memory_estimate(pipe, width: int, height: int, images: int = 1, guided: bool
     sequence = block_rows * block_cols + pipe.tokenizer.model_max_length
     dim, vocab = cfg.num_attention_heads * cfg.attention_head_dim, cfg.codebook_size
     branches = 2 if guided else 1
-    model_bytes = _bytes(pipe.transformer.dtype)
+    model_bytes = _bytes(_dtype(pipe.transformer))
     per_image = (tokens * vocab * 4 * LOGITS_COPIES + branches * sequence * dim * 4 * BLOCK_ACTIVATIONS
                  + branches * tokens * dim * 4 * TOKEN_ACTIVATIONS)
     if cached:
         layers = cfg.num_layers + cfg.num_single_layers
         per_image += layers * 2 * branches * sequence * dim * model_bytes + 2 * tokens * vocab * model_bytes
     vq = pipe.vqvae
-    vq_bytes = 4 if vq.dtype == torch.float16 else _bytes(vq.dtype)  # fp16 decodes in fp32
+    vq_dtype = _dtype(vq)
+    vq_bytes = 4 if vq_dtype == torch.float16 else _bytes(vq_dtype)  # fp16 decodes in fp32
     first = vq.config.block_out_channels[0] * vq_bytes * DECODER_ACTIVATIONS
     outputs = images * 3 * width * height * 4  # the decoded images, float32
     if vq_tile is not None and (rows > vq_tile or cols > vq_tile):  # one tile of one image at a time
@@ -156,9 +163,10 @@ def memory_message(req: Request, estimate: MemoryEstimate, available: int, tiled
 
 
 def check_request(pipe, width: int, height: int, images: int = 1, guided: bool = True, cached: bool = False,
-                  warn: bool = True) -> Request:
+                  warn: bool = True, device: torch.device | None = None) -> Request:
     """Apply the pipeline's `size_policy` to a request before any work: raise `SizeError` for what it refuses;
-    with `warn`, warn (`LargeSizeWarning`) about a large size or a memory estimate beyond what is available."""
+    with `warn`, warn (`LargeSizeWarning`) about a large size or a memory estimate beyond what is available.
+    `device`: where it runs, when the caller knows (default: the pipeline's execution device)."""
     policy: SizePolicy = getattr(pipe, "size_policy", SizePolicy())
     req = request(pipe, width, height, images)
     if req.large:
@@ -167,7 +175,7 @@ def check_request(pipe, width: int, height: int, images: int = 1, guided: bool =
         if warn:
             warnings.warn(f"{large_size_message(req)}; the first step's time follows", LargeSizeWarning, stacklevel=4)
     if policy.check_memory or warn:
-        available = available_memory(pipe._execution_device)
+        available = available_memory(pipe._execution_device if device is None else device)
         tile = getattr(pipe, "vq_tile", None)
         estimate = memory_estimate(pipe, width, height, images, guided, cached, tile)
         if available is not None and estimate.peak > available:
