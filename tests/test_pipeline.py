@@ -342,3 +342,22 @@ def test_cuda_with_model_cpu_offload(tiny_folder):
     images = pipe("x", num_inference_steps=2, height=64, width=64, generator=torch.Generator("cuda").manual_seed(0),
                   output_type="np").images
     assert np.isfinite(images).all()
+
+
+def test_the_execution_device_is_diffusers_answer_without_its_module_walk():
+    """Without offload hooks the transformer's device (what diffusers' walk finds); with one, diffusers decides."""
+    from diffusers import DiffusionPipeline
+
+    from meissonic.presets import build_pipeline
+
+    pipe = build_pipeline("tiny", seed=0)
+    assert pipe._execution_device == DiffusionPipeline._execution_device.fget(pipe) == torch.device("cpu")
+    seen = []
+    original = DiffusionPipeline._execution_device
+    try:
+        DiffusionPipeline._execution_device = property(lambda self: seen.append(1) or torch.device("meta"))
+        pipe.vqvae._hf_hook = object()  # as accelerate's offloading leaves it
+        assert pipe._execution_device == torch.device("meta") and seen
+    finally:
+        DiffusionPipeline._execution_device = original
+        del pipe.vqvae._hf_hook
