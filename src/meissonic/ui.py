@@ -273,7 +273,8 @@ def build_app(studio: Studio, max_queue: int = 16, concurrency: int = 1):
                     raise gr.Error(f"Generation failed: {type(payload).__name__}: {payload}")
                 else:
                     images, used, took = payload
-                    passes = pipe.last_work.get("passes")
+                    ran = studio.student if settings.speed == ONE_STEP else pipe
+                    passes = ran.last_work.get("passes")
                     work = f" · {passes:.1f} transformer passes an image" if passes else ""
                     yield images, (f"Seed **{used}** · {len(images)} image(s) in **{took:.1f} s** · {task_name}"
                                    f"{work}")
