@@ -2,7 +2,10 @@
 prompts sources and bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -104,7 +107,7 @@ def test_distill_writes_a_one_step_student(tiny_folder, prompts_file, tmp_path):
 @pytest.mark.exact
 def test_resume_repeats_the_uninterrupted_run(tiny_folder, prompts_file, tmp_path):
     kw = dict(max_steps=5, checkpoint_every=2, ema_decay=0.9, aux_rounds=2, divergence="jeffreys",
-              lr_scheduler="cosine", warmup_steps=1, mixed_precision="bf16")
+              lr_scheduler="cosine", warmup_steps=1, mixed_precision="bf16", gradient_accumulation=2)
     distill(config(tiny_folder, prompts_file, tmp_path / "a", **kw))
     interrupted = tmp_path / "b"
     distill(config(tiny_folder, prompts_file, interrupted, **kw))
@@ -116,6 +119,22 @@ def test_resume_repeats_the_uninterrupted_run(tiny_folder, prompts_file, tmp_pat
     assert strip[0] == strip[1]
     a, b = student_weights(tmp_path / "a"), student_weights(interrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_on_cpu(tiny_folder, prompts_file, tmp_path):
+    """torchrun with 2 gloo ranks: both models train in step (DDP), rank 0 alone writes checkpoints and the student."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           "-m", "meissonic", "distill", "--teacher", str(tiny_folder), "--data", str(prompts_file), "--out", str(out),
+           "--resolution", "64", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "2",
+           "--log-every", "1", "--gradient-accumulation", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["processes"] == 2 for r in records)
+    assert (out / "checkpoints" / "checkpoint-2" / "aux.safetensors").is_file()
+    assert MeissonicPipeline.from_pretrained(out).one_step_mode is not None
 
 
 def test_lora_student_is_an_adapter_that_samples_in_one_step(tiny_folder, prompts_file, tmp_path):
@@ -160,6 +179,7 @@ def test_a_student_cannot_be_a_teacher(tiny_folder, prompts_file, tmp_path):
     (["--mask-ratio", "1.5"], "mask_ratio=1.5"),
     (["--guidance-scale", "0.5"], "--guidance-scale 0.5"),
     (["--batch-size", "0"], "--batch-size 0"),
+    (["--gradient-accumulation", "0"], "--gradient-accumulation 0"),
     (["--resolution", "70"], "--resolution 70"),
     (["--lora-rank", "4", "--train-embeddings"], "--train-embeddings"),
 ])

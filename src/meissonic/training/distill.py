@@ -13,8 +13,10 @@ keeps track of the distribution of the student's images. Data: prompts only. Eac
    (the default; mode covering), reverse KL g = p_aux * (log p_aux - log p_teacher - KL(p_aux || p_teacher)), or
    Jeffreys, (1 - beta) forward + beta reverse. The loss is 0.5 * ||z - stopgrad(z - g)||^2 summed over the
    re-masked positions and averaged over images, so its gradient on z is g.
-2. Auxiliary update (`aux_rounds` times). A fresh student sample (no gradient), re-masked at a cosine-schedule
+2. Auxiliary updates (`aux_rounds` of them). A fresh student sample (no gradient), re-masked at a cosine-schedule
    ratio; the auxiliary model learns it with masked cross-entropy, label smoothing 0.1.
+
+Each update takes `gradient_accumulation` micro-batches of `batch_size` prompts per process.
 
 The student starts as the teacher; its token embedding and output head stay frozen (as the published run's). The
 mask-rate condition given to the teacher and the auxiliary model follows the teacher's convention (as `meissonic
@@ -28,6 +30,7 @@ import copy
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,10 +56,11 @@ class DistillConfig(RunConfig):
 
     resolution: int | None = None  # default: the teacher's
     batch_size: int = 4
+    gradient_accumulation: int = 1  # micro-batches per update (of the student, and of the auxiliary model)
     max_steps: int = 1000
     learning_rate: float = 1e-5  # the student's
     aux_learning_rate: float | None = None  # default: learning_rate
-    aux_rounds: int = 1  # auxiliary updates per student update
+    aux_rounds: int = 1  # auxiliary model updates per student update
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -95,7 +99,7 @@ class DistillConfig(RunConfig):
 def check_config(cfg: DistillConfig) -> None:
     if cfg.model is None:
         raise TrainingError("give --teacher: the pipeline folder of the multi-step model to distill")
-    for name in ("batch_size", "max_steps", "aux_rounds", "checkpoint_every", "log_every"):
+    for name in ("batch_size", "gradient_accumulation", "max_steps", "aux_rounds", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.resolution is not None and (cfg.resolution < 16 or cfg.resolution % 16):
@@ -267,55 +271,63 @@ def distill(cfg: DistillConfig) -> Path:
     for step in range(start_step, cfg.max_steps):
         began = time.perf_counter()
         # 1. the student, pushed along the divergence between the teacher's and the auxiliary model's predictions
-        gen = step_generator(cfg.seed, step, 0, accelerator.process_index)
-        indices, epoch = order(step * (1 + cfg.aux_rounds))
-        hidden, pooled, micro = conditions(indices)
-        with accelerator.autocast():
-            logits = models.student_pass(student, train_plan, gen, grid, hidden, pooled, micro)  # (B, V, h, w)
-            with torch.no_grad():
-                tokens = draw_tokens(logits.detach(), OneStep(), [gen] * len(indices))
-                inputs, labels, timestep = models.remask(tokens, gen)
-                taken = labels != IGNORE  # (B, h, w)
-                teacher_rows = models.guided_teacher(inputs, timestep, hidden, pooled, negative, micro,
-                                                     cfg.guidance_scale).permute(0, 2, 3, 1)[taken]
-                aux_rows = models.predict(aux, inputs, timestep, hidden, pooled, micro).permute(0, 2, 3, 1)[taken]
-                grad = divergence_gradient(teacher_rows, aux_rows, cfg.divergence, cfg.jeffreys_beta)
-                kl = _forward_kl(teacher_rows, aux_rows)
-            loss = distribution_matching_loss(logits.permute(0, 2, 3, 1)[taken], grad, len(indices))
-            accelerator.backward(loss)
+        accumulate, per_step = cfg.gradient_accumulation, cfg.gradient_accumulation * (1 + cfg.aux_rounds)
+        loss_value = kl = 0.0
+        for micro_step in range(accumulate):
+            gen = step_generator(cfg.seed, step, micro_step, accelerator.process_index)
+            indices, epoch = order(step * per_step + micro_step)
+            hidden, pooled, micro = conditions(indices)
+            sync = nullcontext() if micro_step == accumulate - 1 else accelerator.no_sync(student)
+            with sync, accelerator.autocast():
+                logits = models.student_pass(student, train_plan, gen, grid, hidden, pooled, micro)  # (B, V, h, w)
+                with torch.no_grad():
+                    tokens = draw_tokens(logits.detach(), OneStep(), [gen] * len(indices))
+                    inputs, labels, timestep = models.remask(tokens, gen)
+                    taken = labels != IGNORE  # (B, h, w)
+                    teacher_rows = models.guided_teacher(inputs, timestep, hidden, pooled, negative, micro,
+                                                         cfg.guidance_scale).permute(0, 2, 3, 1)[taken]
+                    aux_rows = models.predict(aux, inputs, timestep, hidden, pooled, micro).permute(0, 2, 3, 1)[taken]
+                    grad = divergence_gradient(teacher_rows, aux_rows, cfg.divergence, cfg.jeffreys_beta)
+                    kl += _forward_kl(teacher_rows, aux_rows) / accumulate
+                loss = distribution_matching_loss(logits.permute(0, 2, 3, 1)[taken], grad, len(indices))
+                accelerator.backward(loss / accumulate)
+            loss_value += loss.detach().float().item() / accumulate
         student_norm = accelerator.clip_grad_norm_(student_params, cfg.max_grad_norm)
         opt_student.step()
         opt_student.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(student_params)
-        # 2. the auxiliary model, taught the student's current images
+        # 2. the auxiliary model, taught the student's current images: `aux_rounds` updates
         aux_loss = 0.0
         for round_ in range(cfg.aux_rounds):
-            gen = step_generator(cfg.seed, step, 1 + round_, accelerator.process_index)
-            indices, _ = order(step * (1 + cfg.aux_rounds) + 1 + round_)
-            hidden, pooled, micro = conditions(indices)
-            with accelerator.autocast():
-                with torch.no_grad():
-                    logits = models.student_pass(student, train_plan, gen, grid, hidden, pooled, micro)
-                    tokens = draw_tokens(logits, OneStep(), [gen] * len(indices))
-                    inputs, labels, timestep = models.remask(tokens, gen)
-                loss_aux = masked_cross_entropy(models.predict(aux, inputs, timestep, hidden, pooled, micro), labels,
-                                                cfg.label_smoothing)
-                accelerator.backward(loss_aux / cfg.aux_rounds)
-            aux_loss += loss_aux.detach().float().item() / cfg.aux_rounds
-        aux_norm = accelerator.clip_grad_norm_(aux_params, cfg.max_grad_norm)
-        opt_aux.step()
-        opt_aux.zero_grad(set_to_none=True)
+            for micro_step in range(accumulate):
+                index = accumulate * (1 + round_) + micro_step
+                gen = step_generator(cfg.seed, step, index, accelerator.process_index)
+                indices, _ = order(step * per_step + index)
+                hidden, pooled, micro = conditions(indices)
+                sync = nullcontext() if micro_step == accumulate - 1 else accelerator.no_sync(aux)
+                with sync, accelerator.autocast():
+                    with torch.no_grad():
+                        logits = models.student_pass(student, train_plan, gen, grid, hidden, pooled, micro)
+                        tokens = draw_tokens(logits, OneStep(), [gen] * len(indices))
+                        inputs, labels, timestep = models.remask(tokens, gen)
+                    loss_aux = masked_cross_entropy(models.predict(aux, inputs, timestep, hidden, pooled, micro),
+                                                    labels, cfg.label_smoothing)
+                    accelerator.backward(loss_aux / accumulate)
+                aux_loss += loss_aux.detach().float().item() / (accumulate * cfg.aux_rounds)
+            aux_norm = accelerator.clip_grad_norm_(aux_params, cfg.max_grad_norm)
+            opt_aux.step()
+            opt_aux.zero_grad(set_to_none=True)
         for schedule in schedules:
             schedule.step()
-        values = {"loss": loss.detach().float().item(), "kl": kl, "aux_loss": aux_loss}
+        values = {"loss": loss_value, "kl": kl, "aux_loss": aux_loss}
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingError(f"the losses became {values} at step {step + 1}; the last good checkpoint is kept in "
                                 f"{checkpoints} (lower --learning-rate or use --mixed-precision bf16)")
         done = step + 1
         values = {k: accelerator.reduce(torch.tensor(v, device=device), reduction="mean").item()
                   for k, v in values.items()}
-        rate = cfg.batch_size * accelerator.num_processes / (time.perf_counter() - began)
+        rate = cfg.batch_size * per_step * accelerator.num_processes / (time.perf_counter() - began)
         bar.update(1)
         bar.set_postfix(kl=f"{values['kl']:.4f}", aux=f"{values['aux_loss']:.3f}")
         if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
