@@ -79,3 +79,11 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def start_run_folder(out: Path, start_step: int, config_name: str, config: dict) -> None:
+    """The main process's part of starting (or resuming) a run: the output folder, `metrics.jsonl` trimmed to the
+    step resumed from, and the run's settings written as `config_name`."""
+    out.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(out / "metrics.jsonl", start_step)
+    (out / config_name).write_text(json.dumps(config, indent=2, default=str) + "\n")

@@ -40,11 +40,11 @@ from safetensors.torch import load_file, save_file
 
 from ..one_step import OneStep, draw_tokens, student_inputs
 from ..pipeline import MeissonicPipeline
-from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
+from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, start_run_folder
 from .common import RunConfig, TrainingError, adamw
 from .data import DEFAULT_SCORE, DataError, SampleOrder, read_prompts, step_generator
 from .objective import IGNORE, mask_rate_timestep, mask_tokens, masked_cross_entropy, sample_mask_ratios
-from .train import LORA_TARGETS, EmaWeights, add_lora, trainable_state, validation_grid
+from .train import LORA_TARGETS, EmaWeights, add_lora, load_trainable_state, trainable_state, validation_grid
 
 DIVERGENCES = ("fkl", "rkl", "jeffreys")
 
@@ -249,9 +249,7 @@ def distill(cfg: DistillConfig) -> Path:
     order = SampleOrder(len(prompts), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     metrics_path = cfg.out / "metrics.jsonl"
     if accelerator.is_main_process:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, start_step)
-        (cfg.out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+        start_run_folder(cfg.out, start_step, "distill_config.json", asdict(cfg))
         if cfg.validation_every and cfg.validation_prompts and not (cfg.out / "validation" / "teacher.png").exists():
             validation_grid(pipe, models.teacher, [], None, cfg.validation_prompts, resolution, cfg.seed, device,
                             cfg.out / "validation" / "teacher.png", guidance_scale=cfg.guidance_scale)
@@ -378,13 +376,7 @@ def _load_checkpoint(path: Path, cfg: DistillConfig, models: _Models, optimizers
     if not (path / "student.safetensors").is_file():
         raise TrainingError(f"--resume {str(path)!r} is not a distillation checkpoint (no student.safetensors)")
     for name, model in (("student", models.student), ("aux", models.aux)):
-        weights = load_file(path / f"{name}.safetensors")
-        if cfg.lora_rank:
-            from peft.utils import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, weights)
-        else:
-            model.load_state_dict(weights)
+        load_trainable_state(model, load_file(path / f"{name}.safetensors"), bool(cfg.lora_rank))
     for name, optimizer, schedule in zip(("student", "aux"), optimizers, schedules):
         optimizer.load_state_dict(torch.load(path / f"{name}_optimizer.pt", weights_only=True))
         schedule.load_state_dict(torch.load(path / f"{name}_lr_scheduler.pt", weights_only=True))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..pipeline import MeissonicPipeline
 from ..text import text_length, tokenize
 from ..vq import encode_image
-from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, truncate_metrics
+from .checkpoint import append_metrics, read_state, resolve_resume, save_checkpoint, start_run_folder
 from .common import RunConfig, TrainingError, adamw, load_vqvae
 from .data import SampleOrder, load_images, open_dataset, step_generator
 from .objective import drop_conditions, mask_rate_timestep, mask_tokens, masked_cross_entropy, sample_mask_ratios
@@ -195,9 +195,7 @@ def train(cfg: TrainConfig) -> Path:
     order = SampleOrder(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     metrics_path = cfg.out / "metrics.jsonl"
     if accelerator.is_main_process:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, start_step)
-        (cfg.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+        start_run_folder(cfg.out, start_step, "train_config.json", asdict(cfg))
 
     length = text_length(accelerator.unwrap_model(text_encoder))
 
@@ -326,6 +324,16 @@ def trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tenso
     return model.state_dict()
 
 
+def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], lora: bool) -> None:
+    """Put back what `trainable_state` saved: the adapters' weights, or the whole state."""
+    if lora:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+    else:
+        model.load_state_dict(weights)
+
+
 def _write_checkpoint(folder: Path, cfg, weights: dict, text_encoder, optimizer, schedule, ema) -> None:
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, folder / "transformer.safetensors")
     if text_encoder is not None:
@@ -339,21 +347,10 @@ def _write_checkpoint(folder: Path, cfg, weights: dict, text_encoder, optimizer,
 
 def _load_checkpoint(path: Path, cfg, transformer, text_encoder, optimizer, schedule, ema) -> int:
     state = read_state(path)
-    weights = load_file(path / "transformer.safetensors")
-    if cfg.lora_rank:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(transformer, weights)
-    else:
-        transformer.load_state_dict(weights)
+    load_trainable_state(transformer, load_file(path / "transformer.safetensors"), bool(cfg.lora_rank))
     if (path / "text_encoder.safetensors").is_file():
-        text_weights = load_file(path / "text_encoder.safetensors")
-        if cfg.text_encoder_lora_rank:
-            from peft.utils import set_peft_model_state_dict
-
-            set_peft_model_state_dict(text_encoder, text_weights)
-        else:
-            text_encoder.load_state_dict(text_weights)
+        load_trainable_state(text_encoder, load_file(path / "text_encoder.safetensors"),
+                             bool(cfg.text_encoder_lora_rank))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     schedule.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if ema is not None and (path / "ema.pt").is_file():
