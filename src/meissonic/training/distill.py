@@ -133,7 +133,15 @@ def check_config(cfg: DistillConfig) -> None:
 def divergence_gradient(teacher: torch.Tensor, aux: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
     """Logits (M, V) of the teacher and the auxiliary model at the same positions -> g (M, V), the direction the
     student's logits there move against (see the module docstring), in float32."""
-    log_t, log_a = F.log_softmax(teacher.float(), -1), F.log_softmax(aux.float(), -1)
+    return _gradient(*_log_probs(teacher, aux), kind, beta)
+
+
+def _log_probs(teacher: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.log_softmax(teacher.float(), -1), F.log_softmax(aux.float(), -1)
+
+
+def _gradient(log_t: torch.Tensor, log_a: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """`divergence_gradient` from the two models' log-probabilities (M, V)."""
     p_t, p_a = log_t.exp(), log_a.exp()
     forward = p_a - p_t
     if kind == "fkl":
@@ -285,8 +293,9 @@ def distill(cfg: DistillConfig) -> Path:
                     teacher_rows = models.guided_teacher(inputs, timestep, hidden, pooled, negative, micro,
                                                          cfg.guidance_scale).permute(0, 2, 3, 1)[taken]
                     aux_rows = models.predict(aux, inputs, timestep, hidden, pooled, micro).permute(0, 2, 3, 1)[taken]
-                    grad = divergence_gradient(teacher_rows, aux_rows, cfg.divergence, cfg.jeffreys_beta)
-                    kl += _forward_kl(teacher_rows, aux_rows) / accumulate
+                    log_t, log_a = _log_probs(teacher_rows, aux_rows)  # once, for the gradient and the metric
+                    grad = _gradient(log_t, log_a, cfg.divergence, cfg.jeffreys_beta)
+                    kl += _forward_kl(log_t, log_a) / accumulate
                 loss = distribution_matching_loss(logits.permute(0, 2, 3, 1)[taken], grad, len(indices))
                 accelerator.backward(loss / accumulate)
             loss_value += loss.detach().float().item() / accumulate
@@ -355,10 +364,9 @@ def distill(cfg: DistillConfig) -> Path:
     return cfg.out
 
 
-def _forward_kl(teacher: torch.Tensor, aux: torch.Tensor) -> float:
+def _forward_kl(log_t: torch.Tensor, log_a: torch.Tensor) -> float:
     """Mean KL(p_teacher || p_aux) per re-masked position: how far the student's images are from the teacher's."""
-    log_t, log_a = F.log_softmax(teacher.float(), -1), F.log_softmax(aux.float(), -1)
-    return float((log_t.exp() * (log_t - log_a)).sum(-1).mean()) if len(teacher) else 0.0
+    return float((log_t.exp() * (log_t - log_a)).sum(-1).mean()) if len(log_t) else 0.0
 
 
 def _write_checkpoint(folder: Path, weights, optimizers, schedules, ema) -> None:
