@@ -154,10 +154,11 @@ def random_logits(seed=0, scale=3.0):
 @pytest.mark.exact
 @pytest.mark.parametrize("order", ["confidence", "halton"])
 @pytest.mark.parametrize("per_image", [False, True])
-@pytest.mark.parametrize("fast", [True, False])
-def test_static_decoding_draws_the_default_paths_tokens(order, per_image, fast, monkeypatch):
+@pytest.mark.parametrize("fast, method", [(True, "reference"), (False, "reference"), (True, "cdf")])
+def test_static_decoding_draws_the_default_paths_tokens(order, per_image, fast, method, monkeypatch):
     """The same seed and logits give the same tokens, and leave the generators in the same state: the same noise for
-    every row (the fast CPU stream, in chunks, or exponential_), the same softmax, division and argmax per row."""
+    every row (the fast CPU stream, in chunks, or exponential_; or one uniform per row with draws="cdf"), the same
+    softmax and pick per row."""
     from meissonic import draws
 
     monkeypatch.setattr(draws, "CHUNK_ROWS", 16)  # several chunks per generator
@@ -170,7 +171,7 @@ def test_static_decoding_draws_the_default_paths_tokens(order, per_image, fast, 
             gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
             generator = gens if per_image else gens[0]
             runs.append((decode(tokens, random_logits(4), MASK, steps, generator=generator, order=order,
-                                static=static), [g.get_state() for g in gens]))
+                                static=static, draws=method), [g.get_state() for g in gens]))
         (default, states), (static, static_states) = runs
         assert torch.equal(static, default) and (static[0, :2] == 3).all() and (static != MASK).all()
         assert all(torch.equal(a, b) for a, b in zip(states, static_states))

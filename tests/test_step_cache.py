@@ -8,7 +8,7 @@ import torch
 from meissonic.cli import main
 from meissonic.pipeline import MeissonicPipeline
 from meissonic.speeds import LEVELS, SPEEDS, sampling_settings
-from meissonic.step_cache import CachePlan, KVReuse, StepCache, covered_tokens
+from meissonic.step_cache import CachePlan, KVReuse, ModulationCache, StepCache, covered_tokens
 from meissonic.transformer import ConditionCache, MeissonicTransformer
 
 
@@ -88,11 +88,50 @@ def tokens_of(pipe, seed=0, **kwargs):
 
 
 @pytest.mark.exact
-def test_refreshing_every_step_is_the_exact_sampler(pipe):
+def test_refreshing_every_step_is_the_exact_sampler(pipe, monkeypatch):
+    """Bit for bit once the modulation cache computes one step at a time (as each pass does: the same product on
+    the same rows); with its default window the products run on more rows, equal only to rounding (next test)."""
+    monkeypatch.setattr(ModulationCache, "ROWS", 1)
     exact = tokens_of(pipe)
     assert pipe.last_work == {"passes": 16.0}
     assert torch.equal(tokens_of(pipe, step_cache=CachePlan(warmup=0, every=1)), exact)
     assert pipe.last_work["partial"] == 0 and pipe.last_work["full"] == 8
+
+
+@pytest.mark.parametrize("convention", ["step_index", "mask_rate"])
+def test_the_modulation_cache_computes_several_steps_in_one_product_and_gives_each_call_its_own(convention):
+    """A window of steps in one product per layer; each call gets the modulations of its own timestep and rows (the
+    logits equal the per-call ones to float32 rounding); a timestep outside the schedule is computed for itself."""
+    torch.manual_seed(0)
+    model = MeissonicTransformer(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                 joint_attention_dim=24, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+                                 vocab_size=65, codebook_size=64, mask_rate_conditioning=convention).eval()
+    ids = torch.randint(0, 65, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    inputs = dict(encoder_hidden_states=torch.randn(2, 7, 24), pooled_projections=torch.randn(2, 32),
+                  micro_conds=torch.rand(2, 5))
+    if convention == "step_index":
+        schedule = [torch.tensor([float(5 - step)]) for step in range(6)]
+    else:
+        schedule = [torch.tensor([1.0 - step / 8, 0.9 - step / 8]) for step in range(6)]
+    window = ModulationCache(schedule)
+    cache = ConditionCache()
+    with torch.no_grad():
+        for timestep in [*schedule, schedule[0] / 3]:  # the last one is not in the schedule
+            expected = model(ids, timestep=timestep, cache=ConditionCache(), **inputs)
+            ours = model(ids, timestep=timestep, cache=cache, modulations=window, **inputs)
+            torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert window.products == 2  # the six steps in one window (6 x 2 rows <= ROWS), then the stray timestep
+
+
+def test_a_cached_generation_reads_the_modulation_weights_a_few_times(pipe, monkeypatch):
+    from meissonic.layers import Modulations
+
+    calls = []
+    compute = Modulations.compute
+    monkeypatch.setattr(Modulations, "compute", staticmethod(lambda layers, temb: calls.append(len(temb)) or
+                                                             compute(layers, temb)))
+    tokens_of(pipe, speed="fast")  # 8 steps: unguided and guided passes, full and partial
+    assert 1 <= len(calls) <= 2 and pipe.last_work["full"] + pipe.last_work["partial"] == 8
 
 
 def test_cached_runs_count_their_work(pipe):
@@ -152,6 +191,10 @@ def test_speed_settings():
         sampling_settings("exact", guidance_ramp=True)
     with pytest.raises(ValueError, match="speed='quick' is not one of exact, fast, fastest"):
         sampling_settings("quick")
+    assert sampling_settings(None)["draws"] == "reference" and fast["draws"] == "cdf"
+    assert sampling_settings("fastest", draws="reference")["draws"] == "reference"
+    with pytest.raises(ValueError, match="cannot take draws"):
+        sampling_settings("exact", draws="cdf")
 
 
 def test_a_compiled_transformer_refuses_the_cache(pipe):
@@ -169,6 +212,8 @@ def test_a_compiled_transformer_refuses_the_cache(pipe):
     (["--step-cache", "0.3", "2", "1.5"], "share=1.5 must lie in (0, 1]"),
     (["--speed", "fast", "--compile"], "--compile runs fixed shapes"),
     (["--speed", "turbo"], "invalid choice: 'turbo'"),
+    (["--speed", "exact", "--draws", "cdf"], "cannot take draws"),
+    (["--draws", "gumbel"], "invalid choice: 'gumbel'"),
 ])
 def test_cli_refuses_bad_speed_options(capsys, tiny_folder, tmp_path, argv, message):
     try:
@@ -191,7 +236,7 @@ def test_cli_speed_is_recorded_in_the_png(tiny_folder, tmp_path):
 
     params = json.loads(Image.open(next(tmp_path.glob("*.png"))).info["parameters"])
     assert params["speed"] == "fastest" and params["step_cache"]["every"] == LEVELS["fastest"]["step_cache"].every
-    assert params["guidance_interval"] == list(LEVELS["fastest"]["guidance_interval"])
+    assert params["guidance_interval"] == list(LEVELS["fastest"]["guidance_interval"]) and params["draws"] == "cdf"
     assert np.asarray(Image.open(next(tmp_path.glob("*.png")))).shape[-1] == 3
 
 

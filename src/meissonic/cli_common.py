@@ -76,6 +76,7 @@ def show_size_warnings() -> None:
 def add_fewer_passes_options(p) -> None:
     """How each step runs: speed level, mask schedule, guidance interval and ramp, unmasking order, step caching
     (sampling commands, eval)."""
+    from .draws import DRAWS
     from .speeds import SPEEDS
 
     p.add_argument("--speed", choices=SPEEDS, help="exact (default: the reference sampler), fast or fastest: "
@@ -89,6 +90,9 @@ def add_fewer_passes_options(p) -> None:
                    help="scale guidance by the share of tokens already known (MUSE/MAR); the first step runs unguided")
     p.add_argument("--order", choices=("confidence", "halton"), default="confidence",
                    help="which drawn tokens each step keeps: the most confident (default) or a Halton order")
+    p.add_argument("--draws", choices=DRAWS, help="how each masked token is drawn: reference (the reference's "
+                   "random stream, the same tokens for a seed; exact's) or cdf (one uniform per token by inverse "
+                   "CDF: the same distribution, far fewer random numbers; fast's and fastest's)")
     p.add_argument("--step-cache", type=float, nargs=3, metavar=("WARMUP", "EVERY", "SHARE"),
                    help="full passes on the first WARMUP share of the steps and every EVERY steps after; between "
                         "them only a SHARE of the positions runs, the rest from caches (e.g. 0.3 4 0.25)")
@@ -123,7 +127,7 @@ def fewer_passes_kwargs(args) -> dict:
         return sampling_settings(
             args.speed, masking_schedule=args.schedule, order=args.order, guidance_ramp=args.guidance_ramp,
             guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
-            step_cache=plan)
+            step_cache=plan, draws=args.draws)
     except ValueError as err:
         raise UsageError(f"--speed {args.speed}: {err}" if args.speed else str(err)) from None
 

@@ -242,7 +242,8 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
         unused = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance),
                                            ("--speed", args.speed), ("--step-cache", args.step_cache),
                                            ("--guidance-interval", args.guidance_interval),
-                                           ("--guidance-ramp", args.guidance_ramp or None)) if value is not None]
+                                           ("--guidance-ramp", args.guidance_ramp or None),
+                                           ("--draws", args.draws)) if value is not None]
         if unused:
             raise UsageError(f"{', '.join(unused)}: one-step sampling runs one pass without guidance; drop "
                              f"{'it' if len(unused) == 1 else 'them'} (or sample with --multi-step)")
@@ -277,6 +278,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
                 "guidance_interval": options.get("guidance_interval") and list(options["guidance_interval"]),
                 "guidance_ramp": options.get("guidance_ramp", False),
                 "order": options.get("order", "confidence"),
+                "draws": options.get("draws", "reference"),
                 "step_cache": None if options.get("step_cache") is None else asdict(options["step_cache"]),
                 "one_step": asdict(one_step) if one_step else None,
                 "aesthetic_score": args.aesthetic_score,

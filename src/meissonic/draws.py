@@ -15,6 +15,11 @@ generators always use `exponential_`.
 Calling a `Draws` waits for the device: it counts each generator's masked rows (`int(...)`) and gathers them with a
 boolean index. The sampler's fixed-shape path (`decode(static=True)`, for torch.compile and CUDA graphs) takes
 `Draws.every_row` instead: the same noise for every row, no count, no gather; the step picks with `torch.where`.
+
+`CdfDraws` is the cheap way to the same distribution, for the sampler's faster levels, which do not promise the
+reference's tokens: one uniform per masked position and the inverse of its row's cumulative distribution (a float64
+cumulative sum and a binary search). It skips the V random values per position that the reference's stream spends
+(at 8192 codes on a 2-core EPYC, 57 ms against 2 ms for 512 rows).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import torch
 
 CHUNK_ROWS = 256  # rows of doubles drawn at a time by the CPU path: 16 MB at 8192 codes
+DRAWS = ("reference", "cdf")  # how a step draws a token per masked position: the reference's stream, or CdfDraws
 
 
 @functools.cache
@@ -118,3 +124,48 @@ def _draw_cpu(probs: torch.Tensor, rows: torch.Tensor, generator: torch.Generato
         drawn[start:start + count] = torch.div(chunk, noise, out=noise).argmax(dim=-1)
         start += count
     return drawn
+
+
+def pick(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The token each row of `probs` (R, V) draws from its noise: (R, V) Exp(1) noise, `Draws`' (argmax(p / q)), or
+    (R, 1) uniforms in [0, 1), `CdfDraws`' (the inverse of the row's cumulative distribution). Fixed shapes only."""
+    if noise.shape[-1] != 1:
+        return (probs / noise).argmax(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)  # (R, V): float64, so that small probabilities keep their share
+    target = noise.double() * cdf[:, -1:]  # (R, 1): scaled to the row's total (softmax sums to 1 up to rounding)
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
+class CdfDraws:
+    """One categorical draw per masked position from one uniform each: `draws(probs (M, V), rows (B, N) bool) -> (M,)`
+    as `Draws`, and the same distribution, but another stream (so other tokens for a seed than the reference's).
+    One uniform is drawn for every position, masked or not (a few thousand numbers), so the fixed-shape path
+    (`every_row`) draws the same tokens. One generator for the grid, or one per image (a list)."""
+
+    def __init__(self, generator: torch.Generator | None, per_image: list[torch.Generator] | None):
+        self.generator, self.per_image = generator, per_image
+
+    def __call__(self, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        every = self.every_row(rows.numel(), probs.shape[-1], probs.device)  # (B*N, 1): B*N numbers, cheap
+        return pick(probs, every[rows.reshape(-1).to(probs.device)])
+
+    def every_row(self, rows: int, codes: int, device: torch.device) -> torch.Tensor:
+        """(rows, 1) uniforms, one per position (the fixed-shape path): one generator over all rows, or one per image
+        over its equal share."""
+        if self.per_image is None:
+            return _uniform(rows, self.generator, device)[:, None]
+        share = rows // len(self.per_image)
+        return torch.cat([_uniform(share, g, device) for g in self.per_image])[:, None]
+
+
+def _uniform(count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`count` float64 uniforms in [0, 1) from `generator` (on its device), on `device`."""
+    made = generator.device if generator is not None else device
+    return torch.rand(count, dtype=torch.float64, generator=generator, device=made).to(device)
+
+
+def make_draws(method: str, generator: torch.Generator | None, per_image: list[torch.Generator] | None):
+    """The draws of `method` (one of DRAWS) for the sampler."""
+    if method not in DRAWS:
+        raise ValueError(f"draws={method!r} is not one of {', '.join(DRAWS)}")
+    return Draws(generator, per_image) if method == "reference" else CdfDraws(generator, per_image)

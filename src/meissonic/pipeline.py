@@ -36,10 +36,10 @@ from .loading import (
 from .one_step import OneStep, draw_tokens, student_inputs
 from .orders import ORDERS
 from .runtime import is_compiled
-from .sampler import MASK_SCHEDULES, decode, guided_logits
+from .sampler import MASK_SCHEDULES, decode, guided_logits, masked_count
 from .speeds import sampling_settings
 from .sizes import LargeSizeWarning, SizePolicy, check_request, first_step_message, size_limit
-from .step_cache import CachePlan, StepCache
+from .step_cache import CachePlan, ModulationCache, StepCache
 from .text import encode_prompts, save_tokenizer
 from .transformer import ConditionCache, MeissonicTransformer
 from .version import __version__
@@ -362,6 +362,7 @@ class MeissonicPipeline(DiffusionPipeline):
         step_cache: CachePlan | None = None,
         speed: str | None = None,
         one_step: OneStep | bool | None = None,
+        draws: str | None = None,
     ):
         """Generate images; returns `ImagePipelineOutput` (`.images`) or a 1-tuple when `return_dict=False`.
 
@@ -376,7 +377,9 @@ class MeissonicPipeline(DiffusionPipeline):
         `guidance_ramp=True` scales guidance by the share of tokens already known, `1 + (scale - 1) * known` (MUSE,
         MAR): the first step of a generation then runs unguided. `order="halton"` keeps the drawn tokens in a Halton
         order instead of by confidence (see `meissonic.orders`). `step_cache=CachePlan(...)` runs full passes on
-        refresh steps only and partial passes between (see `meissonic.step_cache`). `speed="exact"|"fast"|"fastest"`
+        refresh steps only and partial passes between (see `meissonic.step_cache`). `draws="cdf"` draws each masked
+        token from one uniform by inverse CDF instead of the reference's stream (same distribution, another stream,
+        far fewer random numbers; `meissonic.draws`). `speed="exact"|"fast"|"fastest"`
         picks a measured combination of these (`meissonic.speeds`); knobs given beside a level replace its values.
 
         `self.last_work` holds the transformer work of the call per image in full-pass equivalents (`passes`: a guided
@@ -405,9 +408,10 @@ class MeissonicPipeline(DiffusionPipeline):
             if latents is not None:
                 raise ValueError("one-step sampling starts from random ids: edits use the multi-step sampler "
                                  "(one_step=False)")
-            if speed is not None or step_cache is not None or guidance_interval is not None or guidance_ramp:
+            if (speed is not None or step_cache is not None or guidance_interval is not None or guidance_ramp
+                    or draws is not None):
                 raise ValueError("one-step sampling runs one pass without guidance: speed, step_cache, "
-                                 "guidance_interval and guidance_ramp do not apply")
+                                 "guidance_interval, guidance_ramp and draws do not apply")
             self.check_size(height, width)
             device = self._execution_device  # once: diffusers finds it by walking every module
             check_request(self, width, height, _images(prompt, prompt_embeds, None, num_images_per_prompt),
@@ -417,9 +421,10 @@ class MeissonicPipeline(DiffusionPipeline):
                                     micro_conditioning_aesthetic_score, callback_on_step_end, device)
             return self._output(tokens, output_type, return_dict)
         settings = sampling_settings(speed, guidance_interval=guidance_interval, guidance_ramp=guidance_ramp,
-                                     order=order, step_cache=step_cache, masking_schedule=masking_schedule)
+                                     order=order, step_cache=step_cache, masking_schedule=masking_schedule,
+                                     draws=draws)
         guidance_interval, guidance_ramp, order = (settings[k] for k in ("guidance_interval", "guidance_ramp", "order"))
-        step_cache, masking_schedule = settings["step_cache"], settings["masking_schedule"]
+        step_cache, masking_schedule, draws = settings["step_cache"], settings["masking_schedule"], settings["draws"]
         if step_cache is not None and is_compiled(self.transformer):
             raise ValueError("step caching runs partial passes whose shapes change every step: it cannot run on a "
                              "compiled transformer (use speed='exact' with compile)")
@@ -452,10 +457,17 @@ class MeissonicPipeline(DiffusionPipeline):
         static = is_compiled(self.transformer)  # compiled: the full head's grid logits and a static step, fixed shapes
         block = self.transformer.block_grid(*grid)
         cached = StepCache(step_cache, num_inference_steps, grid, block) if step_cache is not None else None
+        schedule = masking_schedule or self.scheduler.config.masking_schedule
+        modulations = None  # with the step cache, the blocks' modulations are computed for several steps at once
+        if cached is not None:
+            modulations = ModulationCache(expected_timesteps(tokens == mask_id, num_inference_steps, schedule,
+                                                             convention))
         work = {"passes": 0.0}  # transformer work per image, in full-pass equivalents
 
         def run(sample, masked, timestep, guided, **extra):
             """One transformer call: both branches (negatives first) when `guided`, else the conditional one."""
+            if modulations is not None:
+                extra["modulations"] = modulations
             if not guided:
                 return self.transformer(
                     hidden_states=sample, encoder_hidden_states=hidden[-batch:], pooled_projections=pooled[-batch:],
@@ -541,12 +553,13 @@ class MeissonicPipeline(DiffusionPipeline):
                     logits_fn,
                     mask_token_id=mask_id,
                     num_steps=num_inference_steps,
-                    schedule=masking_schedule or self.scheduler.config.masking_schedule,
+                    schedule=schedule,
                     temperature=temperature,
                     generator=generator,
                     on_step=on_step,
                     order=order,
                     static=static,
+                    draws=draws,
                 )
 
         self.last_work = dict(work)
@@ -654,6 +667,22 @@ def _row_scale(scale, positions: torch.Tensor, masked: torch.Tensor):
     if not isinstance(scale, torch.Tensor):
         return scale
     return scale[positions // masked[0].numel()][:, None]
+
+
+def expected_timesteps(masked: torch.Tensor, steps: int, schedule: str, convention: str) -> list[torch.Tensor]:
+    """The mask-rate condition each step will pass, as `logits_fn` computes it, if no callback changes the grid:
+    the remaining step index, or each image's share of masked tokens as the sampler's schedule leaves it."""
+    if convention == "step_index":
+        return [torch.tensor([steps - 1 - step], device=masked.device) for step in range(steps)]
+    seq_len = masked[0].numel()
+    unknown = masked.flatten(1).sum(1)  # (B,) masked at the start of the step
+    start_ratio = unknown.float() / seq_len
+    out = []
+    for step in range(steps):
+        out.append(unknown.float() / seq_len)
+        target = masked_count(seq_len, start_ratio, step, steps, schedule).to(unknown.device).long()
+        unknown = torch.where(unknown > 0, torch.minimum(unknown - 1, target).clamp(min=1), 0)  # as `_remask`
+    return out
 
 
 def guidance_steps(steps: int, interval: tuple[float, float] | None) -> list[bool]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .draws import Draws
+from .draws import make_draws, pick
 from .orders import ORDERS, rolled_ranks
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -138,7 +138,7 @@ def sampling_step(
     waits for the device, so `torch.compile(sampling_step, fullgraph=True)` traces it whole (a test checks).
 
     sample (B, N) tokens; logits (B, V, h, w), the grid's; exponential (B*N, V): the multinomial's Exp(1) noise for
-    every position (`Draws.every_row`). Unless `final` (the last step keeps every draw): target (B,) the schedule's
+    every position (`Draws.every_row`), or (B*N, 1) uniforms for `draws="cdf"` (`CdfDraws.every_row`). Unless `final` (the last step keeps every draw): target (B,) the schedule's
     count left masked after the step (`masked_count`), and either `uniform` (B, N) + `temperature` (a 0-dim tensor)
     for the confidence order, or `halton` (B, N) (minus the rolled ranks) for the Halton order.
     Returns the next grid (B, N) and whether a masked position's logits held nan or inf (a 0-dim bool, for the
@@ -151,7 +151,7 @@ def sampling_step(
     unknown = sample == mask_token_id  # (B, N)
     probs = logits.permute(0, 2, 3, 1).reshape(batch * seq_len, -1).float().softmax(dim=-1)  # (B*N, V)
     not_finite = (probs[:, 0].isnan() & unknown.flatten()).any()  # softmax spreads a nan or inf logit over its row
-    drawn = (probs / exponential).argmax(dim=-1)  # (B*N,): the multinomial's draw (Gumbel-max, see draws.py)
+    drawn = pick(probs, exponential)  # (B*N,): the multinomial's draw (Gumbel-max, or the inverse CDF; draws.py)
     filled = torch.where(unknown, drawn.reshape(batch, seq_len), sample)  # (B, N)
     if final:
         return filled, not_finite
@@ -198,13 +198,16 @@ def decode(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     order: str = "confidence",
     static: bool = False,
+    draws: str = "reference",
 ) -> torch.Tensor:
     """Fill every `mask_token_id` in `tokens` (B, h, w) over `num_steps` steps; returns the completed grid.
 
     Tokens that are not masked on entry are returned unchanged. `on_step(step, tokens)` sees the grid after each step
     and may return a grid to continue from instead. `order`: which drawn tokens each step keeps: "confidence" (the
     reference: the most probable, with annealed Gumbel noise) or "halton" (positions in a Halton order rolled by a
-    random offset per image, see `orders.py`; the same counts per step, no confidence noise drawn).
+    random offset per image, see `orders.py`; the same counts per step, no confidence noise drawn). `draws`: how a
+    token is drawn per masked position: "reference" (the reference's random stream, so its tokens for a seed) or
+    "cdf" (one uniform per masked position, inverse CDF: the same distribution, far fewer random numbers; `draws.py`).
 
     `static=True`: every step on fixed shapes, without waiting for the device (`sampling_step`), for a compiled
     logits function and CUDA graphs. `logits_fn` must then return grid logits (B, V, h, w). The same tokens as the
@@ -226,7 +229,7 @@ def decode(
     single = None if generators is not None else generator
     sample = tokens.reshape(batch, seq_len).clone()  # (B, N)
     start_ratio = (sample == mask_token_id).sum(dim=1).float() / seq_len  # (B,)
-    draw = Draws(single, generators)
+    draw = make_draws(draws, single, generators)
     if order == "halton":  # one random offset per image, drawn before the first step
         if generators is None:
             offsets = _randint(seq_len, batch, single, sample.device)

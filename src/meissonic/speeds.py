@@ -13,11 +13,14 @@ SPEEDS = ("exact", "fast", "fastest")
 # the pipeline keywords each level sets (the rest keep their defaults)
 LEVELS: dict[str, dict] = {
     "exact": {},
-    "fast": {"guidance_interval": (0.5, 1.0), "step_cache": CachePlan(warmup=0.3, every=4, share=0.25)},
-    "fastest": {"guidance_interval": (0.5, 1.0), "step_cache": CachePlan(warmup=0.15, every=8, share=0.15)},
+    "fast": {"guidance_interval": (0.5, 1.0), "step_cache": CachePlan(warmup=0.3, every=4, share=0.25),
+             "draws": "cdf"},
+    "fastest": {"guidance_interval": (0.5, 1.0), "step_cache": CachePlan(warmup=0.15, every=8, share=0.15),
+                "draws": "cdf"},
 }
+# draws None: "reference" (the reference's random stream), unless a level says otherwise
 KNOB_DEFAULTS = {"guidance_interval": None, "guidance_ramp": False, "order": "confidence", "step_cache": None,
-                 "masking_schedule": None}
+                 "masking_schedule": None, "draws": None}
 
 
 def sampling_settings(speed: str | None, **knobs) -> dict:
@@ -33,7 +36,8 @@ def sampling_settings(speed: str | None, **knobs) -> dict:
     if speed == "exact" and given:
         raise ValueError(f"speed='exact' is the reference sampler and cannot take {', '.join(sorted(given))}: "
                          f"drop the speed level (or pick fast/fastest) to change those")
-    return {**KNOB_DEFAULTS, **LEVELS.get(speed or "exact", {}), **given}
+    settings = {**KNOB_DEFAULTS, **LEVELS.get(speed or "exact", {}), **given}
+    return {**settings, "draws": settings["draws"] or "reference"}
 
 
 def describe(speed: str) -> str:
@@ -44,4 +48,5 @@ def describe(speed: str) -> str:
     plan = settings["step_cache"]
     start, end = settings["guidance_interval"]
     return (f"{speed}: guidance on steps in [{start:g}, {end:g}) of the run; full passes on the first "
-            f"{plan.warmup:.0%} of the steps and every {plan.every} after, {plan.share:.0%} of the positions between")
+            f"{plan.warmup:.0%} of the steps and every {plan.every} after, {plan.share:.0%} of the positions between; "
+            f"tokens drawn by inverse CDF")

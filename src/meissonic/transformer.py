@@ -179,7 +179,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def predict(self, hidden_states: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
                 logits_for: torch.Tensor | None = None, kv=None, rows: torch.Tensor | None = None,
-                embedding_noise: tuple[float, torch.Tensor] | None = None):
+                embedding_noise: tuple[float, torch.Tensor] | None = None, modulations=None):
         """Token ids (B, h, w) + mask-rate condition -> logits (B, codebook_size, h, w).
 
         `logits_for` (B, h, w) bool: the output head runs only at these positions (the sampler only reads the logits
@@ -195,21 +195,28 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         `embedding_noise=(p, noise)`, noise (B, D, h, w): the token embeddings become `p * noise + sqrt(1 - p^2) *
         embeddings` right after the embedding layer, before the 2x compression (how Di[M]O's one-step students are
         sampled and trained; `meissonic.one_step`).
+
+        `modulations`: a `step_cache.ModulationCache`, which computes the blocks' AdaLN modulations for several
+        steps at once (one read of those weights instead of one per step) and hands each call its own.
         """
         height, width = hidden_states.shape[-2:]
-        x = self.embed(hidden_states)  # (B, D, h, w)
-        if embedding_noise is not None:
-            p, noise = embedding_noise
-            x = p * noise.to(x.dtype) + math.sqrt(1 - p**2) * x
-        x = self.down_block(x)  # (B, D, h', w')
-        batch, dim, block_rows, block_cols = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        batch, dim = hidden_states.shape[0], self.config.num_attention_heads * self.config.attention_head_dim
+        block_rows, block_cols = self.block_grid(height, width)
+        if rows is not None and embedding_noise is None and self._plain_embedding():  # the subset's tokens alone
+            x = self._partial_embedding(hidden_states, rows, block_cols)  # (B, S, D)
+        else:
+            x = self.embed(hidden_states)  # (B, D, h, w)
+            if embedding_noise is not None:
+                p, noise = embedding_noise
+                x = p * noise.to(x.dtype) + math.sqrt(1 - p**2) * x
+            x = self.down_block(x).flatten(2).transpose(1, 2)  # (B, N, D)
+            if rows is not None:
+                x = x.gather(1, rows[..., None].expand(-1, -1, dim))  # (B, S, D)
         context, rope = conditions.context, conditions.rope
         if rope[0].device != x.device:
             rope = (rope[0].to(x.device), rope[1].to(x.device))
         n_ctx = context.shape[1]
         if rows is not None:  # a partial pass: the subset's features and RoPE rows; the text only as cached K/V
-            x = x.gather(1, rows[..., None].expand(-1, -1, dim))  # (B, S, D)
             index = rows + n_ctx  # (B, S): places in the sequence [text; image]
             rope = (rope[0][index][:, None], rope[1][index][:, None])  # (B, 1, S, d)
             kv.partial(index)
@@ -219,7 +226,10 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.project_to_hidden(self.project_to_hidden_norm(x))  # (B, N or S, D)
         # Kept in float32 (the reference casts to the model dtype first, so bf16 rounds 47 * 1000 to 47104).
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).float() * 1000
-        temb = self.time_text_embed.time(timestep, conditions.pooled.dtype) + conditions.pooled  # (B, D)
+        if modulations is not None:  # a step_cache.ModulationCache: every block's modulation, computed ahead
+            temb = modulations.get(self, timestep, conditions)
+        else:
+            temb = self.time_text_embed.time(timestep, conditions.pooled.dtype) + conditions.pooled  # (B, D)
         for block in self.transformer_blocks:
             context, x = self._run(block, x, context, temb, rope, kv)  # (B, L, D), (B, N, D)
         if context is not None:
@@ -232,6 +242,25 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = x.transpose(1, 2).reshape(batch, dim, block_rows, block_cols)  # (B, D, h', w')
         x = self.up_block(x)[..., :height, :width]  # (B, D, h, w)
         return self.mlm_layer(x, logits_for)  # (B, codebook_size, h, w), or (M, codebook_size) for `logits_for`
+
+    def _plain_embedding(self) -> bool:
+        """Are the embedding's and compression's convolutions torch's own (not wrapped by an adapter), so that
+        their weights are all there is to them?"""
+        downsample = self.down_block.downsample
+        return type(self.embed.conv) is nn.Conv2d and (downsample is None or type(downsample.conv) is nn.Conv2d)
+
+    def _partial_embedding(self, ids: torch.Tensor, rows: torch.Tensor, block_cols: int) -> torch.Tensor:
+        """The block features (B, S, D) of the block positions `rows` (B, S), from their tokens alone: embedding and
+        (with the 2x compression) the 2x2 stride-2 convolution, which maps each position's own 2x2 tokens, run per
+        row as products with the layers' weights (the full pass's values to rounding)."""
+        downsample = self.down_block.downsample
+        grid = tuple(ids.shape[-2:])
+        tokens = covered_tokens(rows, block_cols, grid, compressed=downsample is not None)  # (B, S) or (B, 4S)
+        x = self.embed.rows(ids.flatten(1).gather(1, tokens.clamp(min=0)))  # (B, S or 4S, D)
+        if downsample is None:
+            return x
+        batch, count = rows.shape
+        return downsample.rows(x.unflatten(1, (count, 4)), (tokens >= 0).unflatten(1, (count, 4)))
 
     def _partial_logits(self, x: torch.Tensor, rows: torch.Tensor, block: tuple[int, int], grid: tuple[int, int],
                         logits_for: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +303,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         kv=None,
         rows: torch.Tensor | None = None,
         embedding_noise: tuple[float, torch.Tensor] | None = None,
+        modulations=None,
         **unused,
     ):
         """Reference-compatible call; returns the logits tensor (or `(logits,)` when `return_dict=False`).
@@ -291,7 +321,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             if cache is not None:
                 cache.conditions = conditions
-        logits = self.predict(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise)
+        logits = self.predict(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise, modulations)
         return logits if return_dict else (logits,)
 
 
