@@ -273,6 +273,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "offered as the speed 'one-step'")
     ui.set_defaults(run=ui_command)
 
+    sv = verbs.add_parser("serve", help="serve the model over HTTP: the OpenAI Images and AUTOMATIC1111 APIs")
+    sv.add_argument("--model", default="demo", help="a model folder or hub repo id (default: the shipped demo)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; any other needs an API key)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", action="append", help="a key clients must send as 'Authorization: Bearer KEY' "
+                    "(repeat for several; also MEISSONIC_API_KEY, comma-separated)")
+    sv.add_argument("--max-batch", type=int, default=4, help="images run together in one pipeline call, from "
+                    "concurrent requests with the same size, steps, guidance and speed")
+    sv.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 429 + Retry-After")
+    sv.add_argument("--max-images", type=int, default=4, help="images one request may ask for")
+    sv.add_argument("--max-steps", type=int, default=100, help="sampling steps one request may ask for")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="pixels of an uploaded image or mask")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="request body size limit in MB")
+    sv.add_argument("--speed", choices=SPEEDS, help="the speed level of requests that name none (default exact)")
+    add_runtime_options(sv)
+    add_size_rule_options(sv)
+    sv.add_argument("--allow-pickle", action="store_true", help="also load pickle weights (weights_only=True)")
+    sv.set_defaults(run=serve_command)
+
     conv = verbs.add_parser("convert", help="write a copy of a model folder with its weights in another precision")
     conv.add_argument("--model", required=True, help="a model folder or hub repo id")
     conv.add_argument("--out", type=Path, required=True, help="new folder to write")
@@ -533,6 +553,52 @@ def ui_command(args: argparse.Namespace) -> int:
     finally:
         app.close()
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be in 1..65535")
+    for flag in ("max_batch", "max_queue", "max_images", "max_steps", "max_pixels"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if not args.max_body_mb > 0:
+        raise UsageError(f"--max-body-mb {args.max_body_mb}: must be above 0")
+    try:
+        from .serving.app import api_keys, build_app, is_loopback, make_engine, serve
+    except ImportError as err:
+        raise UsageError(f"serving needs FastAPI and uvicorn: pip install 'meissonic[serve]' ({reason(err)})") from None
+    keys = api_keys(args.api_key)
+    if not keys and not is_loopback(args.host):
+        raise UsageError(f"--host {args.host}: listening beyond this machine needs an API key (--api-key KEY or "
+                         f"MEISSONIC_API_KEY)")
+    check_runtime_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, args.model)
+    from .loading import resolve_model_folder, student_folder
+
+    if student_folder(args.model) is None:
+        resolve_model_folder(args.model)  # a bad folder fails here, before the server starts
+
+    def load():
+        from .sizes import SizePolicy
+
+        pipe = load_pipeline(args.model, dtype, args.allow_pickle)
+        prepare_pipeline(pipe, device, args)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.size_policy = SizePolicy(allow_large=args.allow_large, check_memory=not args.skip_memory_check,
+                                      hint="start the server with --allow-large to allow it")
+        return pipe
+
+    engine = make_engine(args, load).start()
+    print(f"meissonic serve: {args.model} on http://{args.host}:{args.port} (OpenAI: /v1, AUTOMATIC1111: "
+          f"/sdapi/v1; {'keys required' if keys else 'no key'}; Ctrl+C to stop)", flush=True)
+    code = serve(build_app(engine, keys), engine, args.host, args.port)
+    if engine.error:
+        raise UsageError(f"cannot serve {args.model!r}: {engine.error}")
+    return code
 
 
 # ---------------------------------------------------------------------------------------------- convert
