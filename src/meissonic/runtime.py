@@ -176,10 +176,12 @@ def compile_transformer(transformer, backend: str | Callable = "inductor", devic
     compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend, **mode)
 
     @functools.wraps(eager)
-    def predict(hidden_states, timestep, conditions, logits_for=None, kv=None, rows=None, embedding_noise=None):
-        # masked-only head, step caching, a student's embedding noise: not the fixed-shape step, so eager
-        if logits_for is not None or kv is not None or rows is not None or embedding_noise is not None:
-            return eager(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise)
+    def predict(hidden_states, timestep, conditions, logits_for=None, kv=None, rows=None, embedding_noise=None,
+                modulations=None):
+        # masked-only head, step caching (and its modulation cache), a student's embedding noise: not the
+        # fixed-shape step, so eager
+        if any(x is not None for x in (logits_for, kv, rows, embedding_noise, modulations)):
+            return eager(hidden_states, timestep, conditions, logits_for, kv, rows, embedding_noise, modulations)
         return compiled(hidden_states, timestep, conditions)
 
     transformer.predict = predict
