@@ -318,3 +318,48 @@ def test_job_errors_name_their_field(engine):
         engine.check(Job("x", image=Image.new("RGB", (64, 64)), mask=np.ones((32, 32), bool)))
     job = engine.check(Job("x", image=Image.new("RGB", (70, 50)), strength=0.3))
     assert (job.width, job.height) == (64, 48) and torch.is_tensor(torch.tensor(job.seed))
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) |
+                    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                               max_size=4), max_leaves=8)
+FIELDS = ["prompt", "n", "size", "seed", "steps", "guidance_scale", "quality", "response_format", "output_format",
+          "speed", "negative_prompt", "cfg_scale", "width", "height", "batch_size", "n_iter", "init_images", "mask",
+          "denoising_strength", "inpainting_mask_invert", "stream", "output_compression", "strength"]
+SMALL = st.one_of(st.sampled_from(["x", "auto", "64x64", "128x64", "0x0", "low", "url", "png", "fast", "", "-1"]),
+                  st.integers(-3, 9), st.floats(-2, 12, allow_nan=False), st.none(), st.booleans(), JSON)
+PATHS = ["/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options",
+         "/v1/images/edits"]
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def answered_in_json(r) -> None:
+    assert r.status_code < 500 or r.status_code == 503, r.text[:300]
+    r.json()  # JSON, whatever the status
+
+
+@FUZZ
+@given(path=st.sampled_from(PATHS), body=st.one_of(JSON, st.dictionaries(st.sampled_from(FIELDS), SMALL,
+                                                                          max_size=6)))
+def test_fuzzed_json_bodies_get_a_2xx_or_a_json_4xx(client, path, body):
+    answered_in_json(client.post(path, json=body))
+    assert client.get("/health").status_code == 200
+
+
+@FUZZ
+@given(fields=st.dictionaries(st.sampled_from(FIELDS), st.text(max_size=12), max_size=5),
+       image=st.one_of(st.binary(max_size=200), st.just(picture((64, 64))), st.none()),
+       mask=st.one_of(st.binary(max_size=100), st.just(picture((64, 64))), st.none()),
+       name=st.sampled_from(["image", "image[]", "other"]))
+def test_fuzzed_multipart_uploads_get_a_2xx_or_a_json_4xx(client, fields, image, mask, name):
+    files = [(name, ("a.png", image, "image/png"))] if image is not None else []
+    if mask is not None:
+        files.append(("mask", ("m.png", mask, "image/png")))
+    answered_in_json(client.post("/v1/images/edits", data=fields, files=files or None))
+    assert client.get("/health").status_code == 200

@@ -10,6 +10,7 @@ Bad input exits with status 2 and one line on stderr naming the problem; no file
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import os
 import sys
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_options(sv)
     add_size_rule_options(sv)
     sv.add_argument("--allow-pickle", action="store_true", help="also load pickle weights (weights_only=True)")
+    sv.add_argument("--ray", action="store_true", help="run the same app as a Ray Serve deployment: --replicas "
+                    "copies of the model across the machines of a Ray cluster")
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, one model each")
+    sv.add_argument("--ray-address", help="with --ray: a Ray cluster to join (default: start a local one)")
     sv.set_defaults(run=serve_command)
 
     conv = verbs.add_parser("convert", help="write a copy of a model folder with its weights in another precision")
@@ -567,7 +572,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if not args.max_body_mb > 0:
         raise UsageError(f"--max-body-mb {args.max_body_mb}: must be above 0")
     try:
-        from .serving.app import api_keys, build_app, is_loopback, make_engine, serve
+        from .serving.app import api_keys, build_app, is_loopback, load_for_serving, make_engine, serve
     except ImportError as err:
         raise UsageError(f"serving needs FastAPI and uvicorn: pip install 'meissonic[serve]' ({reason(err)})") from None
     keys = api_keys(args.api_key)
@@ -575,24 +580,18 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--host {args.host}: listening beyond this machine needs an API key (--api-key KEY or "
                          f"MEISSONIC_API_KEY)")
     check_runtime_args(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device, args.model)
+    resolve_device(args.device)
     from .loading import resolve_model_folder, student_folder
 
     if student_folder(args.model) is None:
         resolve_model_folder(args.model)  # a bad folder fails here, before the server starts
+    if args.ray:
+        if args.replicas < 1:
+            raise UsageError(f"--replicas {args.replicas}: must be at least 1")
+        from .serving.ray_serve import serve_on_ray
 
-    def load():
-        from .sizes import SizePolicy
-
-        pipe = load_pipeline(args.model, dtype, args.allow_pickle)
-        prepare_pipeline(pipe, device, args)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.size_policy = SizePolicy(allow_large=args.allow_large, check_memory=not args.skip_memory_check,
-                                      hint="start the server with --allow-large to allow it")
-        return pipe
-
-    engine = make_engine(args, load).start()
+        return serve_on_ray(args, keys)
+    engine = make_engine(args, partial(load_for_serving, args)).start()
     print(f"meissonic serve: {args.model} on http://{args.host}:{args.port} (OpenAI: /v1, AUTOMATIC1111: "
           f"/sdapi/v1; {'keys required' if keys else 'no key'}; Ctrl+C to stop)", flush=True)
     code = serve(build_app(engine, keys), engine, args.host, args.port)

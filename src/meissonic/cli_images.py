@@ -93,6 +93,10 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
     p.add_argument("--allow-pickle", action="store_true", help="also load weights from pickle files (.bin/.pt/"
                    ".ckpt), read with torch.load(weights_only=True); by default only safetensors are loaded")
+    p.add_argument("--ray", action="store_true", help="spread the prompts over Ray Data workers, one model each "
+                   "(needs --seed; images plus metadata.jsonl in --out; a rerun skips the images already written)")
+    p.add_argument("--ray-workers", type=int, default=2, help="with --ray: workers, each loading the model once")
+    p.add_argument("--ray-address", help="with --ray: a Ray cluster to join (default: start a local one)")
 
 
 def _size_options(p: argparse.ArgumentParser, default: str = "the model's") -> None:
@@ -205,93 +209,125 @@ MakeImages = Callable[..., list]
 
 def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
     """Load the model once, then make `--num-images` images per prompt, `--batch-size` prompts at a time, and write
-    them with their parameters. Under torchrun / accelerate launch each rank makes every WORLD_SIZE-th prompt."""
+    them with their parameters. Under torchrun / accelerate launch each rank makes every WORLD_SIZE-th prompt; with
+    `--ray`, the prompts are spread over Ray Data workers (`meissonic.ray_batch`)."""
     check_sampling_args(args)
     prompts = read_prompts(args)
-    import torch
+    if getattr(args, "ray", False):
+        from .ray_batch import generate_on_ray
 
-    from .outputs import save_png
+        return generate_on_ray(args, make, edit_params, prompts)
     from .runtime import process_share, rank_device
 
     share = process_share()
-    device = rank_device(resolve_device(args.device), share)
-    dtype = resolve_dtype(args.dtype, device, args.model)
-    pipe = load_pipeline(args.model, dtype, args.allow_pickle, getattr(args, "transformer", None))
-    if edit_params["task"] != "text-to-image" and pipe.one_step_mode is not None:
-        raise UsageError(f"model {args.model!r} is a one-step student: it only makes images from text (generate); "
-                         f"edit with its teacher or another multi-step model")
-    if args.lora is not None:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
-    prepare_pipeline(pipe, device, args)
-    apply_size_rule(pipe, args)
-    pipe.set_progress_bar_config(disable=share.world > 1)  # several ranks' bars would overwrite each other
-    steps = pipe.defaults["steps"] if args.steps is None else args.steps
-    guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    options = {
-        "negative_prompt": args.negative_prompt,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "num_images_per_prompt": args.num_images,
-        "temperature": tuple(args.temperature),
-        "micro_conditioning_aesthetic_score": args.aesthetic_score,
-        **fewer_passes_kwargs(args),
-    }
-    one_step = one_step_setting(args, pipe) if hasattr(args, "multi_step") else False  # generate only
-    if one_step:  # one pass without guidance: the multi-step options do not apply
-        unused = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance),
-                                           ("--speed", args.speed), ("--step-cache", args.step_cache),
-                                           ("--guidance-interval", args.guidance_interval),
-                                           ("--guidance-ramp", args.guidance_ramp or None),
-                                           ("--draws", args.draws)) if value is not None]
-        if unused:
-            raise UsageError(f"{', '.join(unused)}: one-step sampling runs one pass without guidance; drop "
-                             f"{'it' if len(unused) == 1 else 'them'} (or sample with --multi-step)")
-        options = {k: v for k, v in options.items() if k in ONE_STEP_OPTIONS} | {"one_step": one_step}
-        steps, guidance = 1, None
-    elif hasattr(args, "multi_step"):
-        options["one_step"] = False
+    maker = Maker(args, make, edit_params, rank_device(resolve_device(args.device), share), quiet=share.world > 1)
     jobs = share.take(list(enumerate(prompts)))  # (number in the whole list, prompt): seeds follow the number
     if args.release_text_encoder:
-        pipe.encode_prompts_once([p for _, p in jobs] + [args.negative_prompt], release=True)
-    gen_device = "cpu" if device.type == "mps" else device
+        maker.pipe.encode_prompts_once([p for _, p in jobs] + [args.negative_prompt], release=True)
     for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        # image order as the pipeline makes it: every prompt once, then again (num_images_per_prompt)
-        order = [(prompt, seed + number * args.num_images + i)
-                 for i in range(args.num_images) for number, prompt in batch]
-        generators = [torch.Generator(gen_device).manual_seed(s) for _, s in order]
-        images = make(pipe, [prompt for _, prompt in batch], generators, options)
-        args.out.mkdir(parents=True, exist_ok=True)
-        for image, (prompt, image_seed) in zip(images, order):
-            params = {
-                "prompt": prompt,
-                "negative_prompt": args.negative_prompt,
-                "seed": image_seed,
-                "steps": steps,
-                "guidance_scale": guidance,
-                "width": image.width,
-                "height": image.height,
-                "temperature": list(args.temperature),
-                "speed": None if one_step else args.speed or "exact",
-                "schedule": options.get("masking_schedule") or pipe.scheduler.config.masking_schedule,
-                "guidance_interval": options.get("guidance_interval") and list(options["guidance_interval"]),
-                "guidance_ramp": options.get("guidance_ramp", False),
-                "order": options.get("order", "confidence"),
-                "draws": options.get("draws", "reference"),
-                "step_cache": None if options.get("step_cache") is None else asdict(options["step_cache"]),
-                "one_step": asdict(one_step) if one_step else None,
-                "aesthetic_score": args.aesthetic_score,
-                "model": str(args.model),
-                "lora": None if args.lora is None else str(args.lora),
-                "dtype": str(dtype).removeprefix("torch."),
-                "quantize": args.quantize,
-                **edit_params,
-                "meissonic_version": version(),
-            }
-            path = save_png(image, args.out, prompt, image_seed, params)
+        for path in maker.make_batch(jobs[start:start + args.batch_size]):
             print(f"wrote {path}")
     return 0
+
+
+class Maker:
+    """A loaded model and the resolved options of an image command: `make_batch` makes and writes the images of
+    some (number, prompt) pairs, each image's seed following its prompt's number (so an image does not depend on
+    which process or batch made it)."""
+
+    def __init__(self, args: argparse.Namespace, make: MakeImages, edit_params: dict, device, quiet: bool = False):
+        self.args, self.make, self.edit_params, self.device = args, make, edit_params, device
+        self.dtype = resolve_dtype(args.dtype, device, args.model)
+        pipe = load_pipeline(args.model, self.dtype, args.allow_pickle, getattr(args, "transformer", None))
+        if edit_params["task"] != "text-to-image" and pipe.one_step_mode is not None:
+            raise UsageError(f"model {args.model!r} is a one-step student: it only makes images from text (generate); "
+                             f"edit with its teacher or another multi-step model")
+        if args.lora is not None:
+            pipe.load_lora(args.lora, scale=args.lora_scale)
+        prepare_pipeline(pipe, device, args)
+        apply_size_rule(pipe, args)
+        pipe.set_progress_bar_config(disable=quiet)  # several ranks' bars would overwrite each other
+        self.pipe = pipe
+        self.steps = pipe.defaults["steps"] if args.steps is None else args.steps
+        self.guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
+        self.seed = args.seed if args.seed is not None else random.randrange(2**31)
+        options = {
+            "negative_prompt": args.negative_prompt,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "num_images_per_prompt": args.num_images,
+            "temperature": tuple(args.temperature),
+            "micro_conditioning_aesthetic_score": args.aesthetic_score,
+            **fewer_passes_kwargs(args),
+        }
+        one_step = one_step_setting(args, pipe) if hasattr(args, "multi_step") else False  # generate only
+        if one_step:  # one pass without guidance: the multi-step options do not apply
+            unused = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance),
+                                               ("--speed", args.speed), ("--step-cache", args.step_cache),
+                                               ("--guidance-interval", args.guidance_interval),
+                                               ("--guidance-ramp", args.guidance_ramp or None),
+                                               ("--draws", args.draws)) if value is not None]
+            if unused:
+                raise UsageError(f"{', '.join(unused)}: one-step sampling runs one pass without guidance; drop "
+                                 f"{'it' if len(unused) == 1 else 'them'} (or sample with --multi-step)")
+            options = {k: v for k, v in options.items() if k in ONE_STEP_OPTIONS} | {"one_step": one_step}
+            self.steps, self.guidance = 1, None
+        elif hasattr(args, "multi_step"):
+            options["one_step"] = False
+        self.options, self.one_step = options, one_step
+
+    def seeds(self, number: int) -> list[int]:
+        """The seeds of prompt `number`'s images."""
+        return [self.seed + number * self.args.num_images + i for i in range(self.args.num_images)]
+
+    def make_batch(self, batch: list[tuple[int, str]], keep_existing: bool = False) -> list[Path]:
+        """Make and write the images of `batch`; with `keep_existing`, an image whose file (prompt slug and seed)
+        exists already is not written again (a rerun of `--ray`)."""
+        import torch
+
+        from .outputs import save_png, slug
+
+        args = self.args
+        gen_device = "cpu" if self.device.type == "mps" else self.device
+        # image order as the pipeline makes it: every prompt once, then again (num_images_per_prompt)
+        order = [(prompt, self.seeds(number)[i]) for i in range(args.num_images) for number, prompt in batch]
+        generators = [torch.Generator(gen_device).manual_seed(s) for _, s in order]
+        images = self.make(self.pipe, [prompt for _, prompt in batch], generators, self.options)
+        args.out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image, (prompt, image_seed) in zip(images, order):
+            existing = args.out / f"{slug(prompt)}_{image_seed}.png"
+            paths.append(existing if keep_existing and existing.exists() else
+                         save_png(image, args.out, prompt, image_seed, self.params(prompt, image_seed, image)))
+        return paths
+
+    def params(self, prompt: str, seed: int, image) -> dict:
+        args, options, one_step = self.args, self.options, self.one_step
+        return {
+            "prompt": prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance,
+            "width": image.width,
+            "height": image.height,
+            "temperature": list(args.temperature),
+            "speed": None if one_step else args.speed or "exact",
+            "schedule": options.get("masking_schedule") or self.pipe.scheduler.config.masking_schedule,
+            "guidance_interval": options.get("guidance_interval") and list(options["guidance_interval"]),
+            "guidance_ramp": options.get("guidance_ramp", False),
+            "order": options.get("order", "confidence"),
+            "draws": options.get("draws", "reference"),
+            "step_cache": None if options.get("step_cache") is None else asdict(options["step_cache"]),
+            "one_step": asdict(one_step) if one_step else None,
+            "aesthetic_score": args.aesthetic_score,
+            "model": str(args.model),
+            "lora": None if args.lora is None else str(args.lora),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": args.quantize,
+            **self.edit_params,
+            "meissonic_version": version(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- the commands

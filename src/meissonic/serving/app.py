@@ -16,6 +16,7 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -128,7 +129,7 @@ def build_app(engine: Engine, keys: list[str] | None = None) -> FastAPI:
     @app.get("/ready")
     async def ready():
         if engine.ready:
-            return {"status": "ready", "model": engine.model_name}
+            return {"status": "ready", "model": engine.model_name, "pid": os.getpid()}  # pid: which replica
         status = "failed" if engine.error else "loading"
         return JSONResponse({"status": status, "error": engine.error}, status_code=503)
 
@@ -188,11 +189,24 @@ def is_loopback(host: str) -> bool:
 
 def api_keys(given: list[str] | None) -> list[str]:
     """The keys of `--api-key` (repeatable) and of MEISSONIC_API_KEY (several separated by commas)."""
-    import os
-
     keys = [k for k in (given or []) if k]
     keys += [k.strip() for k in os.environ.get("MEISSONIC_API_KEY", "").split(",") if k.strip()]
     return list(dict.fromkeys(keys))
+
+
+def load_for_serving(args):
+    """The pipeline as `meissonic serve` runs it: loaded, prepared (precision, quantization, offload, compile), the
+    size rule of the command line (large sizes refused unless --allow-large; memory checked)."""
+    from ..cli_common import load_pipeline, prepare_pipeline, resolve_device, resolve_dtype
+    from ..sizes import SizePolicy
+
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device, args.model), args.allow_pickle)
+    prepare_pipeline(pipe, device, args)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.size_policy = SizePolicy(allow_large=args.allow_large, check_memory=not args.skip_memory_check,
+                                  hint="start the server with --allow-large to allow it")
+    return pipe
 
 
 def make_engine(args, loader) -> Engine:
