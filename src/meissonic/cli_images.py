@@ -10,6 +10,7 @@ import argparse
 import random
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from .cli_common import (
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace, make: MakeImages, edit_params: dict) -> int:
     if getattr(args, "ray", False):
         from .ray_batch import generate_on_ray
 
-        return generate_on_ray(args, make, edit_params, prompts)
+        return generate_on_ray(args, partial(Maker, args, make, edit_params), prompts)
     from .runtime import process_share, rank_device
 
     share = process_share()

@@ -1,7 +1,8 @@
 """Offline batch generation on Ray Data: `meissonic generate --prompts-file F --ray` (and the edit commands).
 
 The prompts become a Ray dataset of (number, prompt) rows; `map_batches` runs them through a pool of
-`--ray-workers` actors, each loading the model once (`cli_images.Maker`, the CLI's own loop body) and writing its
+`--ray-workers` actors, each loading the model once (with the `build` it is given: the CLI's own loop body,
+`cli_images.Maker`, which imports this module, so it is passed in rather than imported) and writing its
 PNGs into `--out`. An image's seed follows its prompt's number (seed + number * num_images + i), so the images do not
 depend on how the rows were sharded, and its file name (prompt slug and seed) is known in advance: a rerun skips
 the prompts whose images are all there. `metadata.jsonl` (one line per image, in prompt order: file and
@@ -27,14 +28,13 @@ def expected_files(out: Path, number: int, prompt: str, seed: int, num_images: i
 class RayWorker:
     """One Ray Data actor: the model loaded once, then batches of rows made and written."""
 
-    def __init__(self, args, make, edit_params, threads: int):
+    def __init__(self, build, device: str, threads: int):
         import torch
 
         from .cli_common import resolve_device
-        from .cli_images import Maker
 
         torch.set_num_threads(threads)
-        self.maker = Maker(args, make, edit_params, resolve_device(args.device), quiet=True)
+        self.maker = build(resolve_device(device), quiet=True)
 
     def __call__(self, batch: dict) -> dict:
         rows = list(zip((int(n) for n in batch["number"]), (str(p) for p in batch["prompt"])))
@@ -42,7 +42,9 @@ class RayWorker:
         return {"file": [p.name for p in paths]}
 
 
-def generate_on_ray(args, make, edit_params: dict, prompts: list[str]) -> int:
+def generate_on_ray(args, build, prompts: list[str]) -> int:
+    """`build(device, quiet=True)` loads the model on a worker and returns an object whose `make_batch(rows,
+    keep_existing=True)` makes and writes the images of (number, prompt) rows (`cli_images.Maker`)."""
     try:
         import ray
     except ImportError as err:
@@ -64,7 +66,7 @@ def generate_on_ray(args, make, edit_params: dict, prompts: list[str]) -> int:
         cpus = int(ray.available_resources().get("CPU", 1))
         threads = max(1, cpus // args.ray_workers)
         dataset = ray.data.from_items(todo)
-        made = dataset.map_batches(RayWorker, fn_constructor_args=(args, make, edit_params, threads),
+        made = dataset.map_batches(RayWorker, fn_constructor_args=(build, args.device, threads),
                                    batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=args.ray_workers),
                                    num_cpus=min(threads, cpus), batch_format="default")
         for row in made.iter_rows():
