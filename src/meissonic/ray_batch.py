@@ -57,7 +57,8 @@ def generate_on_ray(args, build, prompts: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     todo = [{"number": n, "prompt": p} for n, p in enumerate(prompts)
             if not all(f.exists() for f in expected_files(args.out, n, p, args.seed, args.num_images))]
-    print(f"meissonic generate --ray: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "
+    command = getattr(args, "verb", "generate")
+    print(f"meissonic {command} --ray: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "
           f"{len(todo)} to make on {args.ray_workers} worker(s)", flush=True)
     if todo:
         ray.init(address=args.ray_address, ignore_reinit_error=True, include_dashboard=False,
