@@ -21,16 +21,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 
 KEY = "bench-key"
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def free_port() -> int:
@@ -93,7 +86,7 @@ def main(argv=None) -> int:
                 codes, seconds = one_round(url, args.clients, args.requests, args.steps, args.size)
                 rates[max_batch] = codes[200] / seconds
                 print(f"--max-batch {max_batch} round {round_}: {dict(codes)} in {seconds:.1f} s, "
-                      f"{rates[max_batch]:.2f} images/s, server RSS {rss_mib(process.pid):.0f} MiB", flush=True)
+                      f"{rates[max_batch]:.2f} images/s, server RSS {psutil.Process(process.pid).memory_info().rss / 2**20:.0f} MiB", flush=True)
         finally:
             process.terminate()
             process.wait(60)

@@ -141,17 +141,11 @@ def test_the_readmes_curl_examples_work(server, tmp_path):
             json.loads(done.stdout)  # a JSON answer, not an error page
 
 
-def rss_mib(pid: int) -> float:
-    """A process's resident memory in MiB (NaN without /proc)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-    except OSError:
-        return float("nan")
-
-
 def test_eight_concurrent_clients_get_answers_and_only_429s_beyond_the_queue(tiny_folder):
+    import psutil
+
     process, url, _ = start_server(tiny_folder, "--max-batch", "4", "--max-queue", "4")
+    memory = psutil.Process(process.pid)
     try:
         def one(i):
             r = httpx.post(f"{url}/v1/images/generations", headers={"Authorization": f"Bearer {KEY}"},
@@ -166,13 +160,12 @@ def test_eight_concurrent_clients_get_answers_and_only_429s_beyond_the_queue(tin
             assert set(codes) <= {200, 429} and codes.count(200) >= 4
             assert all(after and int(after) >= 1 for code, after in answers if code == 429)
             assert httpx.get(f"{url}/health").status_code == 200
-            rss.append(rss_mib(process.pid))
+            rss.append(memory.memory_info().rss / 2**20)
         print(f"server RSS after each round: {rss[0]:.0f} / {rss[1]:.0f} MiB")
         # flat memory: the allocator may still settle by a few MiB (4 measured); the bound catches anything that
         # keeps over 0.6 MiB per request (24 MiB over the round's 40), such as a request's pipeline output or queue
         # entry never freed
-        if rss[0] == rss[0]:  # /proc is there (Linux)
-            assert rss[1] - rss[0] < 24, rss
+        assert rss[1] - rss[0] < 24, rss
     finally:
         process.terminate()
         process.wait(30)

@@ -277,27 +277,24 @@ class Maker:
             options["one_step"] = False
         self.options, self.one_step = options, one_step
 
-    def seeds(self, number: int) -> list[int]:
-        """The seeds of prompt `number`'s images."""
-        return [self.seed + number * self.args.num_images + i for i in range(self.args.num_images)]
-
     def make_batch(self, batch: list[tuple[int, str]], keep_existing: bool = False) -> list[Path]:
         """Make and write the images of `batch`; with `keep_existing`, an image whose file (prompt slug and seed)
         exists already is not written again (a rerun of `--ray`)."""
         import torch
 
-        from .outputs import save_png, slug
+        from .outputs import png_name, prompt_seeds, save_png
 
         args = self.args
         gen_device = "cpu" if self.device.type == "mps" else self.device
         # image order as the pipeline makes it: every prompt once, then again (num_images_per_prompt)
-        order = [(prompt, self.seeds(number)[i]) for i in range(args.num_images) for number, prompt in batch]
+        seeds = {number: prompt_seeds(self.seed, number, args.num_images) for number, _ in batch}
+        order = [(prompt, seeds[number][i]) for i in range(args.num_images) for number, prompt in batch]
         generators = [torch.Generator(gen_device).manual_seed(s) for _, s in order]
         images = self.make(self.pipe, [prompt for _, prompt in batch], generators, self.options)
         args.out.mkdir(parents=True, exist_ok=True)
         paths = []
         for image, (prompt, image_seed) in zip(images, order):
-            existing = args.out / f"{slug(prompt)}_{image_seed}.png"
+            existing = args.out / png_name(prompt, image_seed)
             paths.append(existing if keep_existing and existing.exists() else
                          save_png(image, args.out, prompt, image_seed, self.params(prompt, image_seed, image)))
         return paths

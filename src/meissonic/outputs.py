@@ -28,9 +28,20 @@ def png_info(params: dict) -> PngInfo:
     return info
 
 
+def prompt_seeds(seed: int, number: int, num_images: int) -> list[int]:
+    """The seeds of the images of prompt `number` (its place in the prompt list) for a run with `seed`: they follow
+    the number, so an image does not depend on which process or batch made it."""
+    return [seed + number * num_images + i for i in range(num_images)]
+
+
+def png_name(prompt: str, seed: int) -> str:
+    """The file name `save_png` gives an image first (it adds _n only when that name is taken)."""
+    return f"{slug(prompt)}_{seed}.png"
+
+
 def save_png(image: Image.Image, folder: Path, prompt: str, seed: int, params: dict) -> Path:
     """Write `image` as folder/<prompt-slug>_<seed>[_n].png, choosing a name no file has; returns the path."""
-    base = f"{slug(prompt)}_{seed}"
+    base = png_name(prompt, seed).removesuffix(".png")
     tmp = folder / f".{base}.{os.getpid()}.tmp"
     image.save(tmp, format="PNG", pnginfo=png_info(params))
     try:

@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 from .cli_common import UsageError, reason
-from .outputs import slug
+from .outputs import png_name, prompt_seeds
 
 METADATA = "metadata.jsonl"
 
 
 def expected_files(out: Path, number: int, prompt: str, seed: int, num_images: int) -> list[Path]:
-    return [out / f"{slug(prompt)}_{seed + number * num_images + i}.png" for i in range(num_images)]
+    return [out / png_name(prompt, s) for s in prompt_seeds(seed, number, num_images)]
 
 
 class RayWorker:
