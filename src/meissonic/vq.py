@@ -17,9 +17,12 @@ edge tokens weigh next to nothing, for ~1.6x the whole decode's work (64 tokens,
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+import torch.nn.functional as F
 from diffusers import VQModel
+from diffusers.models.upsampling import Upsample2D
 
 
 def downscale_factor(vqvae: VQModel) -> int:
@@ -35,6 +38,88 @@ def encode_image(vqvae: VQModel, images: torch.Tensor) -> torch.Tensor:
     latents = vqvae.encode(images.to(vqvae.device, vqvae.dtype)).latents
     ids = vqvae.quantize(latents)[2][2]  # flat (B*h*w,)
     return ids.reshape(batch, height // f, width // f)
+
+
+def fold_nearest_conv(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution's weight (C_out, C_in, 3, 3) -> the (C_in, C_out, 4, 4) weight of the stride-2, padding-1
+    transposed convolution that equals nearest 2x upsampling followed by that convolution (padding 1).
+
+    An output pixel at even row 2i sees, through the upsampling, input rows i-1 (the kernel's row 0) and i (rows 1 and
+    2 summed); at odd row 2i+1, rows i (rows 0 and 1 summed) and i+1 (row 2); the same along columns. A transposed
+    convolution with stride 2 and padding 1 reaches input row i from output row y with its kernel row y - 2i + 1, so
+    its 4 kernel rows are (w2, w1 + w2, w0 + w1, w0). Each output pixel then costs 4 products per channel pair instead
+    of 9, and the upsampled tensor is never made. The sums are formed in float32 at least: the result equals the
+    original to float rounding."""
+    w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+
+    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return fold(fold(w, 2), 3).transpose(0, 1).to(weight.dtype, memory_format=torch.channels_last)
+
+
+class NearestConvUpsample(torch.nn.Module):
+    """diffusers' `Upsample2D` as the VQ decoder uses it (nearest 2x, then a 3x3 convolution, padding 1) computed as
+    one transposed convolution (`fold_nearest_conv`): 2-4x faster on a CPU at the demo's sizes, the same output to
+    float rounding. It keeps the original convolution as `conv`, so state dicts and saved folders do not change.
+
+    Folding costs ~0.1-0.3 ms for the demo's small kernels, so a folded kernel of at most `CACHE_BYTES` is kept
+    and made again when its weight changes (replaced, written in place) or the module moves (`.to()`: nothing is
+    left behind on the old device); larger ones (the released tokenizer's 512- and 768-channel ones, 17-38 MB in
+    float32) are folded at each call, a few ms against a decode of seconds, and hold no memory between decodes.
+    Where accelerate or diffusers hooks the convolution (offloading) or an output size is asked for, it runs the
+    original two steps."""
+
+    CACHE_BYTES = 8 << 20
+
+    def __init__(self, upsample: Upsample2D):
+        super().__init__()
+        self.channels = upsample.channels
+        self.conv = upsample.conv
+        self._folded: tuple | None = None  # (weakref to the weight, its address, its version, the fold)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the fold was made for the old weight
+        self._folded = None
+        return super()._apply(fn, recurse)
+
+    def _kernel(self) -> torch.Tensor:
+        weight = self.conv.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return fold_nearest_conv(weight)  # part of the graph: made anew each call
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cached = self._folded
+        if cached is not None and cached[0]() is weight and cached[1] == key:
+            return cached[2]
+        kernel = fold_nearest_conv(weight.detach())
+        cache = kernel.numel() * kernel.element_size() <= self.CACHE_BYTES
+        self._folded = (weakref.ref(weight), key, kernel) if cache else None
+        return kernel
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if output_size is not None or hasattr(self.conv, "_hf_hook") or hasattr(self.conv, "_diffusers_hook"):
+            size = dict(scale_factor=2.0) if output_size is None else dict(size=output_size)
+            return self.conv(F.interpolate(hidden_states, mode="nearest", **size))
+        return F.conv_transpose2d(hidden_states, self._kernel(), self.conv.bias, stride=2, padding=1)
+
+
+def fold_upsamplers(vqvae: VQModel) -> int:
+    """Replace the decoder's nearest-2x + 3x3 `Upsample2D`s by `NearestConvUpsample` in place; returns how many."""
+    count = 0
+    for module in list(vqvae.decoder.modules()):
+        ups = getattr(module, "upsamplers", None)
+        if ups is None:
+            continue
+        for i, up in enumerate(ups):
+            conv = getattr(up, "conv", None)
+            if (type(up) is Upsample2D and up.name == "conv" and up.use_conv and not up.use_conv_transpose
+                    and up.interpolate
+                    and up.norm is None and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+                    and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+                    and conv.groups == 1 and conv.padding_mode == "zeros"):
+                ups[i] = NearestConvUpsample(up)
+                count += 1
+    return count
 
 
 def _decode_dtype(vqvae: VQModel) -> torch.dtype:
