@@ -1,5 +1,6 @@
-"""The VQ decoder's upsamplers as transposed convolutions (`meissonic.vq.NearestConvUpsample`): the function of
-diffusers' nearest-2x + 3x3 `Upsample2D`, the same weights and state dict, the folded kernel following the weight.
+"""The faster VQ decoding `MeissonicPipeline` sets up (`meissonic.vq.speed_up_decoding`): upsamplers as transposed
+convolutions (`NearestConvUpsample`: the function of diffusers' nearest-2x + 3x3 `Upsample2D`, the same weights and
+state dict, the folded kernel following the weight) and in-place resnets (`InferenceResnet`: bit for bit).
 
 Tolerances: the folded kernel sums up to four of the original weights before multiplying, so the products are
 added in another order; float32 results agree to a few ulps of the values (1e-5 relative here), not bit for bit.
@@ -15,7 +16,10 @@ from diffusers.models.upsampling import Upsample2D
 
 from meissonic.loading import demo_model_folder
 from meissonic.presets import get_preset, seeded_init
-from meissonic.vq import NearestConvUpsample, decode_tokens, fold_nearest_conv, fold_upsamplers
+from diffusers.models.resnet import ResnetBlock2D
+
+from meissonic.vq import (InferenceResnet, NearestConvUpsample, decode_tokens, fold_nearest_conv, fold_upsamplers,
+                          lean_resnets)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -65,12 +69,41 @@ def test_the_demo_decoder_gives_its_images_with_the_same_state_dict(demo_vq):
     assert fold_upsamplers(folded) == 0  # already folded: nothing left to replace
 
 
-def test_the_pipeline_decodes_with_folded_upsamplers(tiny_folder):
+def test_the_pipeline_decodes_with_folded_upsamplers_and_lean_resnets(tiny_folder):
     from meissonic import MeissonicPipeline
 
     pipe = MeissonicPipeline.from_pretrained(tiny_folder)
     ups = [m for m in pipe.vqvae.modules() if isinstance(m, (Upsample2D, NearestConvUpsample))]
     assert ups and all(isinstance(m, NearestConvUpsample) for m in ups)
+    resnets = [m for m in pipe.vqvae.modules() if isinstance(m, ResnetBlock2D)]
+    assert resnets and all(type(m) is InferenceResnet for m in resnets)
+
+
+@pytest.mark.exact
+def test_lean_resnets_decode_and_encode_bit_for_bit(demo_vq):
+    plain = copy.deepcopy(demo_vq).to(memory_format=torch.channels_last)
+    fold_upsamplers(plain)
+    lean = copy.deepcopy(plain)
+    assert lean_resnets(lean) == sum(type(m) is ResnetBlock2D for m in plain.modules()) > 0
+    before, after = plain.state_dict(), lean.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    tokens = torch.randint(0, 512, (2, 16, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(decode_tokens(lean, tokens), decode_tokens(plain, tokens))
+    images = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(lean.encode(images).latents, plain.encode(images).latents)
+
+
+def test_a_lean_resnet_runs_diffusers_forward_for_gradients(demo_vq):
+    plain = copy.deepcopy(demo_vq.decoder.up_blocks[2].resnets[0])
+    lean = copy.deepcopy(plain)
+    lean.__class__ = InferenceResnet
+    x = torch.randn(1, plain.in_channels, 8, 8, requires_grad=True)
+    (lean(x, None) ** 2).sum().backward()  # in-place activations would break the graph; diffusers' forward does not
+    grad = x.grad.clone()
+    x.grad = None
+    (plain(x, None) ** 2).sum().backward()
+    assert torch.equal(grad, x.grad)
 
 
 @pytest.fixture
