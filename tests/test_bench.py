@@ -39,6 +39,33 @@ def test_one_row_in_process_reports_every_figure():
     assert row["steps"] == 3 and row["resolution"] == 128
 
 
+def test_iterations_time_the_same_generation_again_and_report_medians(monkeypatch):
+    from meissonic import bench
+    from meissonic import pipeline as pipeline_module
+
+    encoded = []
+    real = pipeline_module.encode_prompts
+
+    def counting(tokenizer, text_encoder, prompts):
+        encoded.append(list(prompts))
+        return real(tokenizer, text_encoder, prompts)
+
+    monkeypatch.setattr(pipeline_module, "encode_prompts", counting)
+    clock = iter(range(1000))  # every perf_counter call one second later: each part of each iteration takes 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    row = run_row(BenchSpec(preset="tiny", dtype="fp32", steps=2, device="cpu", iterations=3))
+    assert row["iterations"] == 3
+    assert len(encoded) == 3  # the prompt and the empty one encoded anew in each iteration, not read from the cache
+    assert row["text_s"] == row["decode_s"] == 1.0 and row["total_s"] == row["text_s"] + row["sample_s"] + 1.0
+
+
+def test_iterations_must_be_positive_and_keep_the_text_encoder():
+    with pytest.raises(ValueError, match="iterations=0"):
+        run_row(BenchSpec(preset="tiny", steps=1, device="cpu", iterations=0))
+    with pytest.raises(ValueError, match="1 with release_text_encoder"):
+        run_row(BenchSpec(preset="tiny", steps=1, device="cpu", iterations=2, release_text_encoder=True))
+
+
 @pytest.mark.slow
 def test_bench_command_rows_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
@@ -98,7 +125,9 @@ def test_bench_repeat_interleaves_rounds(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--repeat", "0"], "--repeat 0: must be at least 1"),
+    (["--repeat", "0"], "--repeat 0 and --iterations 1: must be at least 1"),
+    (["--iterations", "0"], "--repeat 1 and --iterations 0: must be at least 1"),
+    (["--iterations", "2", "--release-text-encoder"], "--iterations with --release-text-encoder"),
     (["--dtypes", "fp64"], "--dtypes 'fp64': choose from fp32, bf16, fp16"),
     (["--quantize", "int3"], "--quantize 'int3': choose from none, int8, int8-dynamic, fp8, int4"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 on CPU"),

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", action="store_true", help="run one untimed generation in each row's process "
                        "first: the times are then a warm process's (without: the first generation's, one-time setup "
                        "included)")
+    bench.add_argument("--iterations", type=int, default=1, help="time this many generations in each row's "
+                       "process (after --warmup's) and report each time as their median: steadier figures for rows "
+                       "of milliseconds, such as a one-step student's")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     bench.add_argument("--json", type=Path, help="also write the rows to this JSON file (must not exist)")
     bench.set_defaults(run=bench_command)
@@ -359,8 +362,11 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 16")
     if args.steps is not None and args.steps < 1 or args.batch < 1:
         raise UsageError(f"--steps {args.steps} and --batch {args.batch}: must be at least 1")
-    if args.repeat < 1:
-        raise UsageError(f"--repeat {args.repeat}: must be at least 1")
+    if args.repeat < 1 or args.iterations < 1:
+        raise UsageError(f"--repeat {args.repeat} and --iterations {args.iterations}: must be at least 1")
+    if args.iterations > 1 and args.release_text_encoder:
+        raise UsageError("--iterations with --release-text-encoder: the text encoder is gone after the first "
+                         "generation; time one (--iterations 1)")
     check_vq_tile(args.vq_tile)
     if args.json is not None and args.json.exists():
         raise UsageError(f"--json {str(args.json)!r} exists; choose a new file")
@@ -381,12 +387,14 @@ def bench_command(args: argparse.Namespace) -> int:
     specs = [BenchSpec(model=args.model, preset=args.preset, dtype=d, quantize=q, resolution=args.resolution,
                        steps=args.steps, batch=args.batch, guidance=args.guidance,
                        release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
-                       compile=args.compile, device=str(device), speed=v, warmup=args.warmup)
+                       compile=args.compile, device=str(device), speed=v, warmup=args.warmup,
+                       iterations=args.iterations)
              for d in dtypes for q in methods for v in speeds]
     if args.student is not None:  # after the teacher's rows (the first row is the agreement's reference)
         specs += [BenchSpec(model=args.student, dtype=d, quantize=q, resolution=args.resolution, batch=args.batch,
                             release_text_encoder=args.release_text_encoder, vq_tile=args.vq_tile, offload=args.offload,
-                            device=str(device), speed=ONE_STEP, warmup=args.warmup) for d in dtypes for q in methods]
+                            device=str(device), speed=ONE_STEP, warmup=args.warmup, iterations=args.iterations)
+                  for d in dtypes for q in methods]
     name = args.model or f"{args.preset} (random weights)"
     where = torch_device_name(device)
     print(f"meissonic bench: {name} on {where}; each row in its own process", flush=True)
@@ -399,6 +407,8 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     first = rows[0]
     rounds = f", medians of {args.repeat} interleaved rounds" if args.repeat > 1 else ""
+    if args.iterations > 1:
+        rounds += f"{',' if args.repeat > 1 else ''} each the median of {args.iterations} generations"
     print(f"\n{first['resolution']}x{first['resolution']}, {first['steps']} steps, batch {args.batch}, guidance "
           f"{first['guidance']:g}, {where}{rounds}")
     print(format_table(rows))
