@@ -113,14 +113,15 @@ def test_repeated_rounds_take_medians_and_per_round_ratios():
 def test_bench_repeat_interleaves_rounds(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--steps", "2", "--dtypes", "fp32,bf16", "--repeat", "2",
-                 "--no-agreement", "--device", "cpu", "--json", str(out)]) == 0
+                 "--iterations", "2", "--no-agreement", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     order = [line.split(":")[0].strip() + " " + line.split(":")[1].strip()
              for line in printed.splitlines() if line.strip().startswith("round ")]
     assert order == ["round 1/2 FP32", "round 1/2 BF16", "round 2/2 BF16", "round 2/2 FP32"]
     rows = json.loads(out.read_text())["rows"]
     assert [len(r["runs"]) for r in rows] == [2, 2] and len(rows[1]["step_speedups"]) == 2
-    assert "medians of 2 interleaved rounds" in printed
+    assert "medians of 2 interleaved rounds, each the median of 2 generations" in printed
+    assert all(run["iterations"] == 2 for row in rows for run in row["runs"])
     assert "CPU matmul 256x1024x4096: fp32 " in printed  # what --dtype auto weighs on this CPU
 
 

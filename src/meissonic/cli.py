@@ -408,7 +408,7 @@ def bench_command(args: argparse.Namespace) -> int:
     first = rows[0]
     rounds = f", medians of {args.repeat} interleaved rounds" if args.repeat > 1 else ""
     if args.iterations > 1:
-        rounds += f"{',' if args.repeat > 1 else ''} each the median of {args.iterations} generations"
+        rounds += f", each the median of {args.iterations} generations"
     print(f"\n{first['resolution']}x{first['resolution']}, {first['steps']} steps, batch {args.batch}, guidance "
           f"{first['guidance']:g}, {where}{rounds}")
     print(format_table(rows))
