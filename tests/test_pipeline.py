@@ -361,3 +361,18 @@ def test_the_execution_device_is_diffusers_answer_without_its_module_walk():
     finally:
         DiffusionPipeline._execution_device = original
         del pipe.vqvae._hf_hook
+
+
+def test_the_end_of_a_call_runs_diffusers_hook_step_only_where_offload_hooks_exist(tiny, monkeypatch):
+    """Our `maybe_free_model_hooks` resets stateful model caches as diffusers' does, without its signature walk, and
+    hands over to diffusers' (which offloads again) where `enable_model_cpu_offload` left hooks."""
+    from diffusers import DiffusionPipeline
+
+    handed_over, reset = [], []
+    monkeypatch.setattr(DiffusionPipeline, "maybe_free_model_hooks", lambda self: handed_over.append(1))
+    monkeypatch.setattr(tiny.transformer, "_reset_stateful_cache", lambda: reset.append(1), raising=False)
+    tiny("x", num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert reset == [1] and handed_over == []
+    monkeypatch.setattr(tiny, "_all_hooks", [object()], raising=False)
+    tiny("x", num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert reset == [1, 1] and handed_over == [1]
