@@ -85,8 +85,9 @@ def main(argv=None) -> int:
             for round_ in (1, 2):
                 codes, seconds = one_round(url, args.clients, args.requests, args.steps, args.size)
                 rates[max_batch] = codes[200] / seconds
+                rss_mib = psutil.Process(process.pid).memory_info().rss / 2**20
                 print(f"--max-batch {max_batch} round {round_}: {dict(codes)} in {seconds:.1f} s, "
-                      f"{rates[max_batch]:.2f} images/s, server RSS {psutil.Process(process.pid).memory_info().rss / 2**20:.0f} MiB", flush=True)
+                      f"{rates[max_batch]:.2f} images/s, server RSS {rss_mib:.0f} MiB", flush=True)
         finally:
             process.terminate()
             process.wait(60)

@@ -155,12 +155,15 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def run_row(spec: BenchSpec) -> dict:
-    """Build, then time one generation (text, steps, decode) and measure memory and agreement; in this process."""
+    """Build, then time `iterations` generations (text, steps, decode; the median of each time) and measure memory
+    and agreement; in this process."""
     from .cli_common import load_pipeline
     from .quantize import token_agreement, weight_bytes
     from .runtime import RunOptions, prepare
     from .vq import decode_tokens
 
+    if spec.iterations < 1 or spec.iterations > 1 and spec.release_text_encoder:
+        raise ValueError(f"iterations={spec.iterations}: at least 1, and 1 with release_text_encoder")
     device, dtype = torch.device(spec.device), DTYPES[spec.dtype]
     start = time.perf_counter()
     if spec.preset is not None:  # quantized while built, unless offloading (then `prepare` quantizes on the GPU)
@@ -202,8 +205,6 @@ def run_row(spec: BenchSpec) -> dict:
         warm = pipe(prompt=prompts, height=resolution, width=resolution, output_type="latent",
                     generator=torch.Generator().manual_seed(1), **sampling).images
         decode_tokens(pipe.vqvae, warm, tile=spec.vq_tile)
-    if spec.iterations < 1 or spec.iterations > 1 and spec.release_text_encoder:
-        raise ValueError(f"iterations={spec.iterations}: at least 1, and 1 with release_text_encoder")
     times = {key: [] for key in ("text_s", "sample_s", "decode_s", "total_s", "first_step_s", "step_s")}
     generator_device = device if device.type == "cuda" else "cpu"
     for iteration in range(spec.iterations):  # the same generation each time (same prompt, seed and tokens)

@@ -79,7 +79,7 @@ class NearestConvUpsample(torch.nn.Module):
         super().__init__()
         self.channels = upsample.channels
         self.conv = upsample.conv
-        self._folded: tuple | None = None  # (weakref to the weight, its address, its version, the fold)
+        self._folded: tuple | None = None  # (weakref to the weight, (address, version, dtype, device), fold)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the fold was made for the old weight
         self._folded = None
@@ -115,13 +115,14 @@ def fold_upsamplers(vqvae: VQModel) -> int:
         for i, up in enumerate(ups):
             conv = getattr(up, "conv", None)
             if (type(up) is Upsample2D and up.name == "conv" and up.use_conv and not up.use_conv_transpose
-                    and up.interpolate
-                    and up.norm is None and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+                    and up.interpolate and up.norm is None
+                    and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
                     and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
                     and conv.groups == 1 and conv.padding_mode == "zeros"):
                 ups[i] = NearestConvUpsample(up)
                 count += 1
     return count
+
 
 class InferenceResnet(ResnetBlock2D):
     """diffusers' `ResnetBlock2D` as the VQ uses it (no time embedding, no up- or downsampling, SiLU), with its
